@@ -1,0 +1,216 @@
+"""The auth service client: may this client log in, and to which backend?
+
+The proxy asks an HTTP service (the `auth_http` URL) with one GET whose
+headers carry the credentials (spec 2.2); the answer comes back as headers
+too (spec 2.3-2.4): `Auth-Status: OK` with `Auth-Server`/`Auth-Port`, or
+an error text for the client, or `WAIT`.
+
+Unlike nginx, which opens a new connection per attempt, one
+`requests.Session` per server keeps connections alive (its urllib3 pool is
+safe to share between session threads).  Any failure of the auth service
+itself (refused, timed out, not HTTP, bad headers, no usable backend
+address) raises AuthServiceError, which the session turns into the
+protocol's internal-error line.
+"""
+
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+
+import requests
+import requests.adapters
+
+MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
+MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
+POOL_SIZE = 64              # keep-alive connections kept per server
+_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_ESCAPED = frozenset(range(0x21)) | {0x25}     # control bytes, space and "%"
+
+
+class AuthServiceError(Exception):
+    """The auth service failed; the message is for the log."""
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """One question to the auth service; `extra` holds protocol-specific
+    (name, value) headers such as SMTP's Client-Host, in order."""
+    method: str
+    login: bytes
+    password: bytes
+    salt: bytes
+    protocol: str
+    attempt: int
+    client_ip: str
+    extra: tuple = ()
+
+    def __repr__(self):
+        return f"AuthRequest({self.method}, login={self.login!r}, attempt={self.attempt})"
+
+
+@dataclass(frozen=True)
+class AuthReply:
+    """The auth service's answer.  `status` is "OK", "WAIT" or the error
+    text; `user`/`password` are the backend overrides (raw bytes or None)."""
+    status: str
+    server: str = None
+    port: int = None
+    user: bytes = None
+    password: bytes = None
+    wait: int = 0
+    error_code: str = None
+    headers: tuple = ()         # every (name, value) received, for protocol extensions
+
+    @property
+    def ok(self):
+        return self.status == "OK"
+
+    @property
+    def retry(self):
+        return self.status == "WAIT"
+
+    def header(self, name):
+        """The last value of an extension header, or None."""
+        found = None
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                found = value
+        return found
+
+    def __repr__(self):
+        return f"AuthReply({self.status!r}, {self.server}:{self.port}, wait={self.wait})"
+
+
+def escape(value):
+    """Auth-User/Auth-Pass escaping (spec 2.2): control bytes, space and "%"
+    become %XX; everything else, UTF-8 included, passes raw.  The result is
+    a str holding those bytes one-to-one (latin-1), as http.client sends it."""
+    return "".join(f"%{byte:02X}" if byte in _ESCAPED else chr(byte) for byte in value)
+
+
+class AuthClient:
+    """Asks one `auth_http` service; shared by every session of a server."""
+
+    def __init__(self, url, timeout, headers=()):
+        host, port, uri = url
+        self.url = f"http://{host}:{port}{uri}"
+        self.host = host            # nginx sends Host without the port
+        self.timeout = timeout
+        self.extra_headers = tuple(headers)
+        self.http = requests.Session()
+        self.http.trust_env = False     # no proxies or netrc from the environment
+        self.http.headers.clear()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=0)
+        self.http.mount("http://", adapter)
+
+    def headers_for(self, request):
+        """The request headers in nginx's order (spec 2.2)."""
+        headers = [("Host", self.host),
+                   ("Auth-Method", request.method),
+                   ("Auth-User", escape(request.login)),
+                   ("Auth-Pass", escape(request.password))]
+        if request.salt:
+            headers.append(("Auth-Salt", request.salt.decode("latin-1")))
+        headers += [("Auth-Protocol", request.protocol),
+                    ("Auth-Login-Attempt", str(request.attempt)),
+                    ("Client-IP", request.client_ip)]
+        headers += list(request.extra)
+        headers += list(self.extra_headers)
+        return headers
+
+    def ask(self, request):
+        try:
+            response = self.http.get(self.url, headers=dict(self.headers_for(request)),
+                                     timeout=(self.timeout, self.timeout), stream=True,
+                                     allow_redirects=False)
+        except requests.Timeout:
+            raise AuthServiceError(f"auth http server {self.url} timed out") from None
+        except requests.RequestException as exc:
+            raise AuthServiceError(f"auth http server {self.url} failed: {_reason(exc)}") \
+                from None
+        try:
+            return parse_reply(_raw_headers(response))
+        finally:
+            _finish(response)
+
+    def close(self):
+        self.http.close()
+
+
+def _raw_headers(response):
+    """The reply's headers in order, duplicates kept, checked like nginx."""
+    headers = list(response.raw.headers.items())
+    size = len(response.reason or "") + 15
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+        if not _HEADER_NAME.fullmatch(name):
+            raise AuthServiceError("auth http server sent invalid header in response")
+    if size > MAX_REPLY_HEADERS:
+        raise AuthServiceError("auth http server sent too long response")
+    return headers
+
+
+def _finish(response):
+    """Read a short body so the connection can be reused; drop a long one."""
+    try:
+        body = response.raw.read(MAX_REPLY_BODY + 1, decode_content=False)
+        if len(body) > MAX_REPLY_BODY:
+            response.raw.close()
+    except Exception:               # the body does not matter; the socket does
+        response.raw.close()
+    response.close()
+
+
+def parse_reply(headers):
+    """(name, value) pairs -> AuthReply, or AuthServiceError (spec 2.3-2.5)."""
+    values = {}
+    for name, value in headers:
+        key = name.lower()
+        value = value.strip(" ")
+        if key == "auth-status" and key in values and value in ("OK", "WAIT"):
+            continue                # the last error text wins over OK/WAIT
+        values[key] = value
+    status = values.get("auth-status")
+    reply = AuthReply(
+        status=status if status is not None else "OK",
+        user=_raw(values.get("auth-user")), password=_raw(values.get("auth-pass")),
+        wait=_atoi(values.get("auth-wait", "")), error_code=values.get("auth-error-code"),
+        headers=tuple(headers))
+    if not reply.ok:
+        return reply
+    server, port = values.get("auth-server"), values.get("auth-port")
+    if server is None or port is None:
+        raise AuthServiceError("auth http server did not send server or port")
+    return replace(reply, server=_server(server), port=_port(port))
+
+
+def _server(text):
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise AuthServiceError(f'auth http server sent invalid server address:"{text}"') \
+            from None
+
+
+def _port(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise AuthServiceError(f'auth http server sent invalid server port:"{text}"')
+    return int(text)
+
+
+def _raw(value):
+    """Auth-User/Auth-Pass from the service are used raw, not %-decoded."""
+    return None if value is None else value.encode("latin-1")
+
+
+def _atoi(text):
+    """Auth-Wait as nginx's atoi reads it: leading digits, else 0."""
+    match = re.match(r"\d+", text)
+    return int(match.group()) if match else 0
+
+
+def _reason(exc):
+    """The innermost reason of a requests error, short enough for a log line."""
+    while exc.__context__ is not None and exc.args and isinstance(exc.args[0], Exception):
+        exc = exc.args[0]
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -1,0 +1,101 @@
+"""Connecting to the backend and logging in on the client's behalf.
+
+The auth service has named a backend (`Auth-Server`:`Auth-Port`) and the
+login and password to use there.  `connect()` opens the connection under the
+`timeout` deadline, which then covers the whole login dialogue (spec 4.1);
+the protocol's login function (`imap_login`, ...) replays the login and
+returns the backend's final reply, which the session forwards to the client.
+
+Every backend reply is one bounded line (`proxy_buffer`, spec 4.5).  A reply
+that is not the expected one raises BackendError carrying the backend's
+bytes, which the client sees verbatim only with `proxy_pass_error_message
+on`; a close, a timeout or an overlong line always gives the client the
+protocol's internal-error line.
+"""
+
+import socket
+import time
+
+from .stream import Closed, Stream, TooLong
+
+
+class BackendError(Exception):
+    """The backend login failed.  `reply` is what the backend said (None
+    when it said nothing usable: closed, timed out, line too long)."""
+
+    def __init__(self, message, reply=None):
+        super().__init__(message)
+        self.reply = reply
+
+
+def connect(server, port, timeout):
+    """A Stream to the backend whose deadline covers connect + login."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((server, port), timeout=timeout)
+    except TimeoutError:
+        raise BackendError("upstream timed out (connecting)") from None
+    except OSError as exc:
+        raise BackendError(f"connect() failed ({exc.errno}: {exc.strerror})") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream = Stream(sock)
+    stream.deadline = deadline
+    return stream
+
+
+def read_reply(stream, limit):
+    """One line from the backend, LF included, at most `limit` bytes."""
+    try:
+        return stream.readline(limit)
+    except TooLong:
+        raise BackendError("upstream sent too long response line") from None
+    except Closed:
+        raise BackendError("upstream prematurely closed connection") from None
+    except TimeoutError:
+        raise BackendError("upstream timed out") from None
+
+
+def send(stream, data):
+    try:
+        stream.write(data)
+    except (Closed, OSError):
+        raise BackendError("upstream closed the connection while sending") from None
+
+
+def expect(line, prefix):
+    """Check a reply's start (nginx compares only the first line's prefix)."""
+    if not line[:len(prefix)].upper() == prefix.upper():
+        raise BackendError(f'upstream sent invalid response: "{_printable(line)}"', line)
+    return line
+
+
+# ------------------------------------------------------------------- IMAP
+
+def imap_login(stream, tag, login, password, limit, step=lambda text: None):
+    """LOGIN with both values as synchronizing literals, reusing the
+    client's tag (spec 4.2); returns the lines to forward to the client:
+    the tagged OK, and the one untagged line nginx 1.27.3+ allows before it
+    (e.g. a CAPABILITY from SmarterMail or Gmail)."""
+    step("reading response from upstream")
+    expect(read_reply(stream, limit), b"* OK")
+    step("sending login command to upstream")
+    send(stream, b"%s LOGIN {%d}\r\n" % (tag, len(login)))
+    expect(read_reply(stream, limit), b"+")
+    step("sending user name to upstream")
+    send(stream, b"%s {%d}\r\n" % (login, len(password)))
+    expect(read_reply(stream, limit), b"+")
+    step("sending password to upstream")
+    send(stream, password + b"\r\n")
+    step("reading response from upstream")
+    line = read_reply(stream, limit)
+    untagged = b""
+    if line.startswith(b"* "):
+        untagged, line = line, read_reply(stream, limit)
+    expect(line, tag + b" OK")
+    return untagged + line
+
+
+def _printable(line):
+    """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
+    text = line.rstrip(b"\r\n")[:200].decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

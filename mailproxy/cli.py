@@ -1,0 +1,100 @@
+"""The `mailproxy` command, with nginx's flags.
+
+    mailproxy -c mail.conf          run (in the foreground)
+    mailproxy -t -c mail.conf       test the configuration
+    mailproxy -T -c mail.conf       test it and print the effective settings
+    mailproxy -s quit               signal the running proxy (pid file)
+    mailproxy -v | -V               version (and build details)
+
+Exit status: 0 ok, 1 configuration or start-up error, 2 usage error.  This
+is the only module that imports click; everything it calls is plain Python.
+"""
+
+import os
+import signal
+import ssl
+import sys
+
+import click
+
+from . import NGINX_COMPAT, __version__, config as configmod, server
+
+DEFAULT_CONF = "/etc/mailproxy/mail.conf"
+SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT, "reopen": signal.SIGUSR1}
+
+
+def _say(text):
+    click.echo(f"mailproxy: {text}", err=True)
+
+
+def _load(conf, prefix, directives):
+    """The Config, or None after printing nginx's [emerg] line."""
+    path = conf if os.path.isabs(conf) or not prefix else os.path.join(prefix, conf)
+    try:
+        return configmod.load(path, prefix=prefix, extra=directives)
+    except configmod.ConfigError as exc:
+        _say(f"[emerg] {exc}")
+        return None
+
+
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "-?", "--help"]})
+@click.option("-c", "conf", default=DEFAULT_CONF, metavar="FILE", show_default=True,
+              help="Configuration file.")
+@click.option("-t", "test", is_flag=True, help="Test the configuration and exit.")
+@click.option("-T", "dump", is_flag=True,
+              help="Test the configuration, print the effective settings, and exit.")
+@click.option("-p", "prefix", metavar="PREFIX", help="Prefix for relative paths.")
+@click.option("-g", "directives", metavar="DIRECTIVES",
+              help="Extra top-level directives, e.g. 'pid /run/mailproxy.pid;'.")
+@click.option("-s", "signal_name", type=click.Choice(sorted(SIGNALS)),
+              help="Send a signal to the running proxy (its pid file).")
+@click.option("-v", "version", is_flag=True, help="Show the version and exit.")
+@click.option("-V", "build", is_flag=True, help="Show the version and build details.")
+@click.pass_context
+def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build):
+    """An IMAP, POP3 and SMTP proxy configured like nginx's mail module."""
+    if ctx.invoked_subcommand:
+        return
+    if version or build:
+        click.echo(f"mailproxy version: mailproxy/{__version__} ({NGINX_COMPAT})", err=True)
+        if build:
+            click.echo(f"built with Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}",
+                       err=True)
+        if not (test or dump):
+            return
+    config = _load(conf, prefix, directives)
+    if test or dump:
+        ctx.exit(_report_test(config, conf if config is None else config.path, dump))
+    if config is None:
+        ctx.exit(1)
+    if signal_name:
+        ctx.exit(_send_signal(config, signal_name))
+    ctx.exit(server.run(config))
+
+
+def _report_test(config, path, dump):
+    if config is None:
+        _say(f"configuration file {path} test failed")
+        return 1
+    _say(f"the configuration file {path} syntax is ok")
+    _say(f"configuration file {path} test is successful")
+    if dump:
+        click.echo(configmod.dump(config), nl=False)
+    return 0
+
+
+def _send_signal(config, name):
+    """`-s NAME`: signal the pid in the configured pid file, as nginx does."""
+    if not config.pid:
+        _say('[error] no "pid" directive in the configuration, cannot signal')
+        return 1
+    path = config.resolve(config.pid)
+    try:
+        with open(path) as file:
+            pid = int(file.read().strip())
+        os.kill(pid, SIGNALS[name])
+    except (OSError, ValueError) as exc:
+        _say(f'[error] signal "{name}" to the process in "{path}" failed ({exc})')
+        return 1
+    return 0

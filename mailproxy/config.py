@@ -1,0 +1,377 @@
+"""Reading an nginx-syntax configuration into frozen settings objects.
+
+crossplane (nginx's own Python parser) does the lexing and follows
+`include`; this module walks the directives it returns, checks each against
+the table in `directives.py` (name, context, argument count, value), and
+builds one `ServerConfig` per `server {}` with every mail setting filled in:
+the server's own value, else the `mail {}` value, else the default.  Lists
+(capabilities, `auth_http_header`, ...) are replaced as a whole, never merged.
+
+Every mistake is a `ConfigError` naming file:line in nginx's words, e.g.
+`unknown directive "foo" in /etc/mailproxy/mail.conf:12`, and nothing starts.
+"""
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, replace
+
+import crossplane
+
+from . import directives as d
+
+
+class ConfigError(Exception):
+    """A configuration mistake; str() is the nginx-style message."""
+
+    def __init__(self, message, where=None):
+        super().__init__(f"{message} in {where}" if where else message)
+
+
+@dataclass(frozen=True)
+class Where:
+    file: str
+    line: int
+
+    def __str__(self):
+        return "command line" if self.file == COMMAND_LINE else f"{self.file}:{self.line}"
+
+
+COMMAND_LINE = "<command line>"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A directive's effective value, the arguments it came from, and where."""
+    value: object
+    args: tuple
+    where: Where = None         # None for a default
+
+
+class Level:
+    """The directives set directly in one block (main, events, mail, server)."""
+
+    def __init__(self, context, where=None):
+        self.context = context
+        self.where = where
+        self.settings = {}
+
+    def set(self, row, args, where):
+        try:
+            value = row.parse(args) if row.parse else None
+        except d.BadValue as exc:
+            raise ConfigError(f'{exc} in "{row.name}" directive', where) from None
+        if row.name == "listen":
+            value = tuple(replace(entry, where=str(where)) for entry in value)
+        old = self.settings.get(row.name)
+        if row.repeat and old:
+            value, args = old.value + value, old.args + (tuple(args),)
+        elif row.repeat:
+            args = (tuple(args),)
+        elif old:
+            raise ConfigError(f'"{row.name}" directive is duplicate', where)
+        self.settings[row.name] = Setting(value, tuple(args), where)
+
+
+class ServerConfig:
+    """Effective settings of one `server {}`: read-only attributes named
+    after the directives (`config.timeout`, `config.imap_capabilities`),
+    plus `listens`, `protocol`, `where`, and `settings` for `-T`."""
+
+    def __init__(self, settings, listens, protocol, where):
+        values = {name: setting.value for name, setting in settings.items()}
+        values.update(settings=settings, listens=listens, protocol=protocol, where=where)
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ServerConfig is read-only")
+
+    def __repr__(self):
+        return f"<ServerConfig {self.protocol} {self.where}>"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file: top-level settings and the servers."""
+    path: str
+    prefix: str
+    worker_processes: int
+    worker_connections: int
+    error_logs: tuple           # ((dest, level), ...) of the main level
+    pid: str
+    servers: tuple
+
+    def resolve(self, path):
+        """A path from the file, made absolute against the prefix (-p)."""
+        if path in ("stderr",) or os.path.isabs(path):
+            return path
+        return os.path.join(self.prefix, path)
+
+
+def load(path, prefix=None, extra=None):
+    """Read `path` (and `extra`, the -g directives); return a Config."""
+    path = os.path.abspath(path)
+    prefix = os.path.abspath(prefix or os.getcwd())
+    levels = {d.MAIN: Level(d.MAIN), "mail": None, "servers": []}
+    if extra:
+        _walk(_parse_text(extra), levels[d.MAIN], levels)
+    _walk(_parse_file(path), levels[d.MAIN], levels)
+    return _build(path, prefix, levels)
+
+
+# ----------------------------------------------------------------- reading
+
+def _parse_file(path):
+    """crossplane's payload for `path`, includes followed; lexing errors raised."""
+    try:
+        payload = crossplane.parse(path, catch_errors=False, check_ctx=False,
+                                   check_args=False, strict=False, comments=False)
+    except crossplane.errors.NgxParserBaseException as exc:
+        raise ConfigError(exc.strerror, Where(exc.filename, exc.lineno)) from None
+    except OSError as exc:
+        raise ConfigError(f'open() "{exc.filename}" failed ({exc.strerror})') from None
+    return _Files(payload["config"], 0)
+
+
+def _parse_text(text):
+    """The -g string, parsed as if it were a file of its own."""
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as tmp:
+        tmp.write(text)
+        tmp.flush()
+        files = _parse_file(tmp.name)
+    for entry in files.configs:
+        entry["file"] = COMMAND_LINE
+    return files
+
+
+class _Files:
+    """A cursor over crossplane's list of files: one file's directives."""
+
+    def __init__(self, configs, index):
+        self.configs, self.index = configs, index
+
+    @property
+    def file(self):
+        return self.configs[self.index]["file"]
+
+    def entries(self):
+        for entry in self.configs[self.index]["parsed"]:
+            yield entry, Where(self.file, entry["line"])
+
+    def included(self, index):
+        return _Files(self.configs, index)
+
+
+def _walk(files, level, levels):
+    """Check each directive of one block and record it on `level`."""
+    for entry, where in files.entries():
+        name, args = entry["directive"], entry["args"]
+        if name == "include":
+            for index in entry.get("includes", ()):
+                _walk(files.included(index), level, levels)
+            continue
+        row = _check(name, args, "block" in entry, level.context, where)
+        if row.block:
+            _walk(_Block(files, entry["block"]), _open_block(row, where, level, levels),
+                  levels)
+        else:
+            level.set(row, args, where)
+
+
+class _Block(_Files):
+    """The directives inside a block, in the same file as the block."""
+
+    def __init__(self, files, block):
+        super().__init__(files.configs, files.index)
+        self.block = block
+
+    def entries(self):
+        for entry in self.block:
+            yield entry, Where(self.file, entry["line"])
+
+
+def _check(name, args, has_block, context, where):
+    row = d.TABLE.get(name)
+    if row is None:
+        reason = d.REMOVED.get(name)
+        raise ConfigError(reason or f'unknown directive "{name}"', where)
+    if context not in row.contexts:
+        raise ConfigError(f'"{name}" directive is not allowed here', where)
+    if row.block and not has_block:
+        raise ConfigError(f'directive "{name}" has no opening "{{"', where)
+    if has_block and not row.block:
+        raise ConfigError(f'directive "{name}" is not terminated by ";"', where)
+    low, high = row.nargs
+    if len(args) < low or (high is not None and len(args) > high):
+        raise ConfigError(f'invalid number of arguments in "{name}" directive', where)
+    return row
+
+
+def _open_block(row, where, parent, levels):
+    """The Level that the block's directives go into."""
+    if row.name == "server":
+        level = Level(d.SERVER, where)
+        levels["servers"].append(level)
+        return level
+    if row.name in parent.settings:
+        raise ConfigError(f'"{row.name}" directive is duplicate', where)
+    parent.settings[row.name] = Setting(None, (), where)
+    level = Level(row.name, where)
+    levels[row.name] = level
+    return level
+
+
+# ---------------------------------------------------------------- building
+
+def _default(row):
+    """The Setting of a directive nobody set: its default, or an empty one."""
+    if row.default is None:
+        return Setting(() if row.repeat else None, ())
+    if row.repeat:
+        value = ()
+        for args in row.default:
+            value += row.parse(args)
+        return Setting(value, tuple(tuple(args) for args in row.default))
+    return Setting(row.parse(row.default), tuple(row.default))
+
+
+def _effective(name, *levels):
+    """The first level that sets `name`, else the default."""
+    for level in levels:
+        if level and name in level.settings:
+            return level.settings[name]
+    return _default(d.TABLE[name])
+
+
+def _build(path, prefix, levels):
+    main, mail = levels[d.MAIN], levels["mail"]
+    if mail is None:
+        raise ConfigError(f'no "mail" block is defined in {path}')
+    if not levels["servers"]:
+        raise ConfigError('no "server" block is defined', mail.where)
+    _refuse_later(main, mail, levels.get("events"), *levels["servers"])
+    servers = tuple(_server(level, mail, main) for level in levels["servers"])
+    _check_duplicate_listens(servers)
+    workers = _effective("worker_processes", main).value
+    if workers == "auto":
+        workers = os.cpu_count() or 1
+    if workers > 1:
+        where = main.settings["worker_processes"].where
+        raise ConfigError('"worker_processes" greater than 1 is not implemented yet '
+                          "(worker processes arrive with a later release)", where)
+    return Config(
+        path=path, prefix=prefix, worker_processes=workers,
+        worker_connections=_effective("worker_connections", levels.get("events")).value,
+        error_logs=_effective("error_log", main).value,
+        pid=_effective("pid", main).value, servers=servers)
+
+
+def _server(level, mail, main):
+    settings = {}
+    for row in d.TABLE.values():
+        if d.SERVER in row.contexts and not row.block and row.name not in ("listen", "protocol"):
+            settings[row.name] = _effective(row.name, level, mail, main)
+    if settings["server_name"].value is None:
+        settings["server_name"] = Setting(socket.gethostname(), ())
+    listens = _effective("listen", level)
+    if not listens.value:
+        raise ConfigError('no "listen" is defined for server', level.where)
+    if settings["auth_http"].value is None:
+        raise ConfigError('no "auth_http" is defined for server', level.where)
+    listens = _apply_legacy_keepalive(listens.value, settings["so_keepalive"])
+    protocol = _protocol(level, listens)
+    return ServerConfig(settings, listens, protocol, level.where)
+
+
+def _apply_legacy_keepalive(listens, legacy):
+    """`so_keepalive on|off;` is the pre-1.1.11 spelling of the listen parameter."""
+    if legacy.value is None:
+        return listens
+    return tuple(entry if entry.so_keepalive is not None
+                 else replace(entry, so_keepalive=legacy.value) for entry in listens)
+
+
+def _protocol(level, listens):
+    setting = level.settings.get("protocol")
+    protocol = setting.value if setting else d.PROTOCOL_BY_PORT.get(listens[0].port)
+    if protocol is None:
+        raise ConfigError("unknown mail protocol for server", level.where)
+    if protocol not in d.PROTOCOLS_READY:
+        raise ConfigError(f'protocol "{protocol}" is not implemented yet '
+                          "(it arrives with a later release)",
+                          setting.where if setting else level.where)
+    return protocol
+
+
+def _refuse_later(*levels):
+    """A directive or listen parameter we cannot honour yet is an error,
+    unless it only restates the default (`starttls off;`)."""
+    for level in filter(None, levels):
+        for name, setting in level.settings.items():
+            row = d.TABLE[name]
+            default = _default(row)
+            if row.status == d.LATER and setting.value != default.value:
+                raise ConfigError(f'"{name}" directive is not implemented yet ({row.note})',
+                                  setting.where)
+        for entry in level.settings.get("listen", Setting((), ())).value:
+            for param, note in (("ssl", d.TLS_LATER),
+                                ("proxy_protocol", "PROXY protocol arrives with a later release")):
+                if getattr(entry, param):
+                    raise ConfigError(f'the "{param}" parameter of "listen" is not '
+                                      f"implemented yet ({note})", entry.where)
+
+
+def _check_duplicate_listens(servers):
+    seen = set()
+    for server in servers:
+        for entry in server.listens:
+            key = (entry.host, entry.port)
+            if key in seen:
+                raise ConfigError(f'duplicate "{entry.name}" address and port pair',
+                                  entry.where)
+            seen.add(key)
+
+
+# ----------------------------------------------------------------- dumping
+
+def dump(config):
+    """The effective configuration in nginx syntax, defaults filled in (-T)."""
+    lines = [f"# effective configuration of {config.path}",
+             f"worker_processes {config.worker_processes};"]
+    lines += [f"error_log {dest} {level};" for dest, level in config.error_logs]
+    if config.pid:
+        lines.append(f"pid {config.pid};")
+    lines += ["events {", f"    worker_connections {config.worker_connections};", "}",
+              "mail {"]
+    for server in config.servers:
+        lines.append(f"    server {{  # {server.where}")
+        lines += [f"        listen {entry.text};" for entry in _unique_texts(server.listens)]
+        lines.append(f"        protocol {server.protocol};")
+        for name, setting in server.settings.items():
+            lines += [f"        {name}{_render(args)};" for args in _occurrences(setting)]
+        lines.append("    }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _occurrences(setting):
+    if setting.value is None:
+        return []
+    if setting.args and isinstance(setting.args[0], tuple):
+        return list(setting.args)
+    if setting.args == () and not isinstance(setting.value, tuple):
+        return [(str(setting.value),)]     # a computed default: server_name
+    return [setting.args] if setting.args else []
+
+
+def _render(args):
+    return "".join(" " + (f'"{arg}"' if (" " in arg or not arg) else arg) for arg in args)
+
+
+def _unique_texts(listens):
+    seen, out = set(), []
+    for entry in listens:
+        if entry.text not in seen:
+            seen.add(entry.text)
+            out.append(entry)
+    return out

@@ -1,0 +1,422 @@
+"""The directive table: every directive mailproxy knows, as nginx spells it.
+
+Each `Directive` says where it may appear (its contexts), how many arguments
+it takes, how those arguments become a Python value, what the default is,
+and whether mailproxy honours it yet.  `config.py` walks the parsed file and
+consults this table for every line; nothing else in the program knows about
+directive names.
+
+Values are parsed the way nginx parses them: times such as `30s`, `5m`,
+`1h30m` or bare seconds; sizes such as `4k` or `1m`; flags `on`/`off`.
+Defaults are written as nginx text and parsed by the same functions, so
+`mailproxy -T` can print every effective setting back in nginx syntax.
+
+The table follows section 1 of the nginx mail reference
+(`nginx-mail-spec.md`); the status column marks what is not built yet.
+"""
+
+import re
+import socket
+from dataclasses import dataclass, field
+
+# Statuses.  "later" directives are parsed and validated now, but a config
+# that uses them is refused with a clear error until the feature exists.
+READY, NOOP, LATER = "ready", "noop", "later"
+
+LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+PROTOCOLS = ("imap", "pop3", "smtp")
+PROTOCOLS_READY = ("imap",)
+# nginx guesses a server's protocol from its first listen port.
+PROTOCOL_BY_PORT = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
+                    25: "smtp", 465: "smtp", 587: "smtp"}
+DEFAULT_BACKLOG = 511       # nginx's NGX_LISTEN_BACKLOG on Linux
+
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400,
+               "w": 604800, "M": 2592000, "y": 31536000}
+_TIME_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|M|y)?")
+_SIZE = re.compile(r"(\d+)([kKmMgG]?)")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+class BadValue(ValueError):
+    """An argument that does not parse; config.py adds the file:line."""
+
+
+# ---------------------------------------------------------------- values
+
+def parse_time(text):
+    """nginx time: "90", "30s", "5m", "1h30m", "500ms" -> seconds (float)."""
+    pos, total = 0, 0.0
+    while pos < len(text):
+        match = _TIME_PART.match(text, pos)
+        if not match:
+            raise BadValue(f'invalid value "{text}"')
+        total += int(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
+        pos = match.end()
+    if not text:
+        raise BadValue('invalid value ""')
+    return total
+
+
+def parse_size(text):
+    """nginx size: "4096", "4k", "1m" -> bytes."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise BadValue(f'invalid value "{text}"')
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_number(text):
+    if not text.isdigit():
+        raise BadValue(f'invalid number "{text}"')
+    return int(text)
+
+
+def parse_positive(text):
+    number = parse_number(text)
+    if number == 0:
+        raise BadValue(f'invalid value "{text}"')
+    return number
+
+
+def parse_flag(text):
+    if text not in ("on", "off"):
+        raise BadValue(f'invalid value "{text}", it must be "on" or "off"')
+    return text == "on"
+
+
+def one_of(*choices):
+    def parse(text):
+        if text not in choices:
+            raise BadValue(f'invalid value "{text}"')
+        return text
+    return parse
+
+
+# ---------------------------------------------------- argument converters
+# Each takes the directive's argument list and returns its value.
+
+def single(parse):
+    return lambda args: parse(args[0])
+
+
+def words(args):
+    return tuple(args)
+
+
+def methods(allowed):
+    def parse(args):
+        for arg in args:
+            if arg not in allowed:
+                raise BadValue(f'invalid value "{arg}"')
+        return frozenset(args)
+    return parse
+
+
+def worker_processes(args):
+    if args[0] == "auto":
+        return "auto"
+    return parse_positive(args[0])
+
+
+def error_log(args):
+    level = args[1] if len(args) > 1 else "error"
+    if level not in LEVELS:
+        raise BadValue(f'invalid value "{level}"')
+    return ((args[0], level),)
+
+
+def resolver(args):
+    """`resolver off` -> None; otherwise the addresses and parameters."""
+    if args == ["off"]:
+        return None
+    if "off" in args:
+        raise BadValue('invalid value "off"')
+    return tuple(args)
+
+
+def auth_http_url(args):
+    """`[http://]host[:port][/uri]` or `unix:/path[:/uri]` -> (host, port, uri)."""
+    url = args[0]
+    if url.startswith("https://"):
+        raise BadValue("https protocol is not supported")
+    if url.startswith("unix:"):
+        raise BadValue(f'unix: auth_http addresses are not implemented yet: "{url}"')
+    rest = url[len("http://"):] if url.startswith("http://") else url
+    hostport, slash, uri = rest.partition("/")
+    host, port = split_host_port(hostport, default_port=80)
+    if not host:
+        raise BadValue(f'invalid URL "{url}"')
+    return (host, port, "/" + uri if slash else "/")
+
+
+def pair(args):
+    """A two-argument list item, e.g. `auth_http_header X-Secret s3cr3t`."""
+    return ((args[0], args[1]),)
+
+
+def item(args):
+    """A one-argument list item, e.g. `ssl_certificate rsa.pem`."""
+    return (args[0],)
+
+
+# ------------------------------------------------------------------ listen
+
+@dataclass(frozen=True)
+class Listen:
+    """One listening address, after the hostname is resolved."""
+    host: str                   # numeric address; "0.0.0.0" for "*"
+    port: int
+    family: int
+    ssl: bool = False
+    proxy_protocol: bool = False
+    backlog: int = DEFAULT_BACKLOG
+    rcvbuf: int = None
+    sndbuf: int = None
+    bind: bool = False
+    ipv6only: bool = True
+    multipath: bool = False
+    so_keepalive: object = None  # None, True/False, or (idle, intvl, cnt)
+    text: str = field(default="", compare=False)
+    where: str = field(default="", compare=False)
+
+    @property
+    def wildcard(self):
+        return self.host in ("0.0.0.0", "::")
+
+    @property
+    def name(self):
+        """addr:port as nginx logs it."""
+        host = f"[{self.host}]" if self.family == socket.AF_INET6 else self.host
+        return f"{host}:{self.port}"
+
+
+def split_host_port(text, default_port=None):
+    """"host:port", "[v6]:port", "port", "host" -> (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.isdigit():
+        host, port = "", text
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise BadValue(f'no port in "{text}"')
+        return host, default_port
+    number = parse_number(port) if port.isdigit() else None
+    if number is None or not 0 < number < 65536:
+        raise BadValue(f'invalid port in "{text}"')
+    return host, number
+
+
+def _listen_ports(text):
+    """The port part may be a range (nginx 1.15.10): "1143-1145"."""
+    if text.startswith("["):
+        head, _, rest = text.partition("]")
+        addr, portspec = head + "]", rest[1:]
+    elif ":" in text:
+        addr, _, portspec = text.rpartition(":")
+    else:
+        addr, portspec = "*", text
+    low, dash, high = portspec.partition("-")
+    _, first = split_host_port(low)
+    last = split_host_port(high)[1] if dash else first
+    if last < first:
+        raise BadValue(f'invalid port range in "{text}"')
+    return addr, range(first, last + 1)
+
+
+def _resolve(addr, port):
+    """Numeric or named address -> [(family, numeric host)], duplicates dropped."""
+    if addr in ("*", ""):
+        return [(socket.AF_INET, "0.0.0.0")]
+    host = addr[1:-1] if addr.startswith("[") else addr
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise BadValue(f'host not found in "{addr}:{port}"') from None
+    found = []
+    for family, _, _, _, sockaddr in infos:
+        if (family, sockaddr[0]) not in found and family in (socket.AF_INET, socket.AF_INET6):
+            found.append((family, sockaddr[0]))
+    return found
+
+
+def _keepalive(text):
+    if text in ("on", "off"):
+        return text == "on"
+    parts = text.split(":")
+    if len(parts) != 3 or not any(parts):
+        raise BadValue(f'invalid so_keepalive value: "so_keepalive={text}"')
+    idle, intvl, cnt = parts
+    return (parse_time(idle) if idle else None,
+            parse_time(intvl) if intvl else None,
+            parse_number(cnt) if cnt else None)
+
+
+_LISTEN_PARAMS = {
+    "backlog": lambda v: ("backlog", parse_positive(v)),
+    "rcvbuf": lambda v: ("rcvbuf", parse_size(v)),
+    "sndbuf": lambda v: ("sndbuf", parse_size(v)),
+    "ipv6only": lambda v: ("ipv6only", parse_flag(v)),
+    "so_keepalive": lambda v: ("so_keepalive", _keepalive(v)),
+}
+
+
+def listen(args):
+    """`listen address:port [params]` -> a tuple of Listen entries."""
+    if args[0].startswith("unix:"):
+        raise BadValue("unix: listen sockets are not implemented yet")
+    options = {}
+    for param in args[1:]:
+        name, eq, value = param.partition("=")
+        if eq and name in _LISTEN_PARAMS:
+            key, parsed = _LISTEN_PARAMS[name](value)
+            options[key] = parsed
+            options["bind"] = True
+        elif not eq and param in ("ssl", "proxy_protocol", "bind", "multipath"):
+            options[param] = True
+            if param == "multipath":
+                options["bind"] = True
+        else:
+            raise BadValue(f'invalid parameter "{param}"')
+    addr, ports = _listen_ports(args[0])
+    entries = []
+    for port in ports:
+        for family, host in _resolve(addr, port):
+            entry = Listen(host, port, family, text=" ".join(args), **options)
+            if entry not in entries:
+                entries.append(entry)
+    return tuple(entries)
+
+
+# ------------------------------------------------------------------- table
+
+@dataclass(frozen=True)
+class Directive:
+    """One row of the table.
+
+    `nargs` is (min, max), max None for "any number".  `parse` turns the
+    argument list into the value.  `repeat` is True for list directives:
+    each occurrence appends at its own level, and a level that has any
+    replaces the inherited list.  `default` is nginx text (a list of
+    argument lists for list directives), parsed at start-up.  A list
+    directive's `parse` returns a tuple of items; occurrences concatenate.
+    """
+    name: str
+    contexts: tuple
+    nargs: tuple
+    parse: object = None
+    default: object = None
+    repeat: bool = False
+    block: bool = False
+    status: str = READY
+    note: str = ""
+
+
+MAIN, EVENTS, MAIL, SERVER = "main", "events", "mail", "server"
+M_S = (MAIL, SERVER)
+TLS_LATER = "TLS arrives with a later release"
+
+_ROWS = [
+    # top level (nginx core)
+    Directive("worker_processes", (MAIN,), (1, 1), worker_processes, ["1"]),
+    Directive("error_log", (MAIN, MAIL, SERVER), (1, 2), error_log, [["stderr", "error"]],
+              repeat=True),
+    Directive("pid", (MAIN,), (1, 1), single(str)),
+    Directive("events", (MAIN,), (0, 0), block=True),
+    Directive("worker_connections", (EVENTS,), (1, 1), single(parse_positive), ["512"]),
+    Directive("mail", (MAIN,), (0, 0), block=True),
+    Directive("server", (MAIL,), (0, 0), block=True),
+    # ngx_mail_core_module
+    Directive("listen", (SERVER,), (1, None), listen, repeat=True),
+    Directive("protocol", (SERVER,), (1, 1), single(one_of(*PROTOCOLS))),
+    Directive("timeout", M_S, (1, 1), single(parse_time), ["60s"]),
+    Directive("server_name", M_S, (1, 1), single(str)),
+    Directive("resolver", M_S, (1, None), resolver, ["off"], status=LATER,
+              note="DNS lookups arrive with SMTP"),
+    Directive("resolver_timeout", M_S, (1, 1), single(parse_time), ["30s"]),
+    Directive("max_errors", M_S, (1, 1), single(parse_number), ["5"]),
+    Directive("so_keepalive", M_S, (1, 1), single(parse_flag),
+              note="legacy alias of the listen parameter so_keepalive="),
+    # ngx_mail_auth_http_module
+    Directive("auth_http", M_S, (1, 1), auth_http_url),
+    Directive("auth_http_header", M_S, (2, 2), pair, repeat=True),
+    Directive("auth_http_pass_client_cert", M_S, (1, 1), single(parse_flag), ["off"],
+              status=LATER, note=TLS_LATER),
+    Directive("auth_http_timeout", M_S, (1, 1), single(parse_time), ["60s"]),
+    # ngx_mail_proxy_module
+    Directive("proxy", M_S, (1, 1), single(parse_flag), ["off"], status=NOOP,
+              note="accepted and ignored, as in nginx"),
+    Directive("proxy_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
+    Directive("proxy_pass_error_message", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_protocol", M_S, (1, 1), single(one_of("on", "off", "v2")), ["off"],
+              status=LATER, note="PROXY protocol arrives with a later release"),
+    Directive("proxy_smtp_auth", M_S, (1, 1), single(one_of("on", "off", "plain", "login")),
+              ["off"]),
+    Directive("proxy_timeout", M_S, (1, 1), single(parse_time), ["24h"]),
+    Directive("xclient", M_S, (1, 1), single(parse_flag), ["on"]),
+    # ngx_mail_realip_module
+    Directive("set_real_ip_from", M_S, (1, 1), item, repeat=True, status=LATER,
+              note="PROXY protocol arrives with a later release"),
+    # ngx_mail_imap_module
+    Directive("imap_auth", M_S, (1, None), methods({"plain", "login", "cram-md5", "external"}),
+              ["plain"]),
+    Directive("imap_capabilities", M_S, (1, None), words,
+              [["IMAP4", "IMAP4rev1", "UIDPLUS"]], repeat=True),
+    Directive("imap_client_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
+    # ngx_mail_pop3_module
+    Directive("pop3_auth", M_S, (1, None), methods({"plain", "apop", "cram-md5", "external"}),
+              ["plain"]),
+    Directive("pop3_capabilities", M_S, (1, None), words, [["TOP", "USER", "UIDL"]],
+              repeat=True),
+    # ngx_mail_smtp_module
+    Directive("smtp_auth", M_S, (1, None),
+              methods({"plain", "login", "cram-md5", "external", "none"}), ["plain", "login"]),
+    Directive("smtp_capabilities", M_S, (1, None), words, [], repeat=True),
+    Directive("smtp_client_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
+    Directive("smtp_greeting_delay", M_S, (1, 1), single(parse_time), ["0"]),
+    # ngx_mail_ssl_module: parsed now, refused until TLS exists
+    Directive("starttls", M_S, (1, 1), single(one_of("on", "off", "only")), ["off"],
+              status=LATER, note=TLS_LATER),
+]
+
+_TLS_ROWS = [
+    ("ssl_certificate", (1, 1), item, None, True),
+    ("ssl_certificate_key", (1, 1), item, None, True),
+    ("ssl_password_file", (1, 1), single(str), None, False),
+    ("ssl_certificate_compression", (1, 1), single(parse_flag), ["off"], False),
+    ("ssl_dhparam", (1, 1), single(str), None, False),
+    ("ssl_ecdh_curve", (1, 1), single(str), ["auto"], False),
+    ("ssl_protocols", (1, None), methods({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2",
+                                          "TLSv1.3"}), ["TLSv1.2", "TLSv1.3"], False),
+    ("ssl_ciphers", (1, 1), single(str), ["HIGH:!aNULL:!MD5"], False),
+    ("ssl_prefer_server_ciphers", (1, 1), single(parse_flag), ["off"], False),
+    ("ssl_session_cache", (1, 3), words, ["none"], False),
+    ("ssl_session_tickets", (1, 1), single(parse_flag), ["on"], False),
+    ("ssl_session_ticket_key", (1, 1), item, None, True),
+    ("ssl_session_timeout", (1, 1), single(parse_time), ["5m"], False),
+    ("ssl_verify_client", (1, 1), single(one_of("on", "off", "optional", "optional_no_ca")),
+     ["off"], False),
+    ("ssl_verify_depth", (1, 1), single(parse_positive), ["1"], False),
+    ("ssl_client_certificate", (1, 1), single(str), None, False),
+    ("ssl_trusted_certificate", (1, 1), single(str), None, False),
+    ("ssl_crl", (1, 1), single(str), None, False),
+    ("ssl_conf_command", (2, 2), pair, None, True),
+]
+
+_ROWS += [Directive(name, M_S, nargs, parse, default, repeat=repeat, status=LATER,
+                    note=TLS_LATER)
+          for name, nargs, parse, default, repeat in _TLS_ROWS]
+
+TABLE = {row.name: row for row in _ROWS}
+
+# Names nginx once had, with the reason they are refused.
+REMOVED = {
+    "ssl": 'the "ssl" directive was removed in nginx 1.25.1, '
+           'use the "listen ... ssl" parameter instead',
+    "imap": 'the "imap" block was renamed "mail" in nginx 0.5.15',
+}

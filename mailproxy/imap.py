@@ -1,0 +1,212 @@
+"""IMAP before login (RFC 3501, as nginx's mail module speaks it).
+
+The proxy answers CAPABILITY, NOOP, LOGOUT and (beyond nginx) ID itself,
+takes credentials from LOGIN or AUTHENTICATE, and hands them to the shared
+session machinery.  The parser follows nginx 1.29 (spec 3.1): a tag of 1-32
+characters from [A-Za-z0-9._-], a keyword of letters, then at most three
+arguments, each an atom, a "quoted string" or a literal {N} / {N+}.  A whole
+command, literals included, must fit in `imap_client_buffer`.
+"""
+
+import re
+
+from . import backend
+from .sasl import Credentials, SaslError
+from .session import Command, Rejected, Session
+from .stream import TooLong
+
+GREETING = b"* OK IMAP4 ready\r\n"
+INTERNAL_ERROR = b"* BAD internal server error\r\n"
+BYE = b"* BYE\r\n"
+ID_REPLY = b"* ID NIL\r\n"              # RFC 2971: the proxy has nothing to tell
+CONTINUE_LITERAL = b"+ OK\r\n"
+OK = b"OK completed"
+INVALID = b"BAD invalid command"
+MAX_ARGUMENTS = 3                       # nginx rejects a fourth at parse time
+TAG = re.compile(rb"[A-Za-z0-9._-]{1,32}")
+LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}")   # only at the end of a line
+AUTH_ORDER = (("plain", b"AUTH=PLAIN"), ("login", b"AUTH=LOGIN"),
+              ("cram-md5", b"AUTH=CRAM-MD5"), ("external", b"AUTH=EXTERNAL"))
+ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}    # even when imap_auth does not list them
+
+
+class Texts:
+    """Reply lines that depend only on the config, built once per server."""
+
+    def __init__(self, config):
+        words = [cap.encode() for cap in config.imap_capabilities]
+        words += [token for method, token in AUTH_ORDER if method in config.imap_auth]
+        self.capability = b"* CAPABILITY " + b" ".join(words) + b"\r\n"
+        self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.imap_auth
+                                             if m in ("cram-md5", "external")}
+
+
+class ImapSession(Session):
+    """The IMAP dialogue up to a successful LOGIN or AUTHENTICATE."""
+
+    protocol = "imap"
+    INTERNAL_ERROR = INTERNAL_ERROR
+    STATES = {"start": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "LOGIN", "AUTHENTICATE"}}
+    prepare = Texts
+    tag = b"*"
+
+    def greet(self):
+        self.send(GREETING)
+
+    # ----------------------------------------------------------- parser
+
+    def read_command(self):
+        limit = self.command_limit()
+        line = self.client.readline(limit)
+        body = _strip_line_end(line)
+        tag, space, rest = body.partition(b" ")
+        if not space or not TAG.fullmatch(tag):
+            raise _invalid(b"*", body)
+        verb, _, rest = rest.partition(b" ")
+        if b"\r" in body or not verb.isalpha() or verb.upper().decode() not in self.handlers:
+            raise _invalid(tag, body)
+        verb = verb.upper().decode()
+        if verb == "ID":
+            return self.id_command(tag, body)
+        args = self.read_arguments(tag, rest.lstrip(b" "), limit - len(line))
+        return Command(verb, args, tag)
+
+    def id_command(self, tag, body):
+        """ID's argument is a parenthesized list (RFC 2971), which nginx's
+        parser does not know; the proxy ignores it, so it is not parsed.
+        A literal in it cannot be skipped safely: refuse that line."""
+        if LITERAL.search(body):
+            raise _invalid(tag, body)
+        return Command("ID", (), tag)
+
+    def read_arguments(self, tag, rest, room):
+        """Atoms, quoted strings and literals; `room` is what is left of
+        the command buffer.  Literals read their bytes and the line after."""
+        args = []
+        while rest:
+            if len(args) == MAX_ARGUMENTS:
+                raise _invalid(tag, rest)
+            if rest.startswith(b'"'):
+                value, rest = _quoted(tag, rest)
+            elif rest.startswith(b"{"):
+                value, rest, room = self.read_literal(tag, rest, room)
+            else:
+                value = rest.split(b" ", 1)[0]     # an atom: anything up to SP
+                rest = rest[len(value):]
+            if rest and not rest.startswith(b" "):
+                raise _invalid(tag, rest)
+            args.append(value)
+            rest = rest.lstrip(b" ")
+        return args
+
+    def read_literal(self, tag, rest, room):
+        match = LITERAL.fullmatch(rest)
+        if not match:
+            raise _invalid(tag, rest)
+        size, non_sync = int(match.group(1)), match.group(2)
+        if size >= room:
+            raise TooLong(tag + b" ")
+        if not non_sync:
+            self.send(CONTINUE_LITERAL)
+        value = self.client.read_exact(size)
+        line = self.client.readline(room - size)
+        # After the literal only SP or the line end may follow (nginx 1.29.6).
+        return value, _strip_line_end(line), room - size - len(line)
+
+    # --------------------------------------------------------- commands
+
+    def do_CAPABILITY(self, command):
+        self.send(self.service.texts.capability + _tagged(command.tag, OK))
+
+    def do_NOOP(self, command):
+        self.send(_tagged(command.tag, OK))
+
+    def do_LOGOUT(self, command):
+        self.send(BYE + _tagged(command.tag, OK))
+        self.quit = True
+
+    def do_ID(self, command):
+        """Beyond nginx: clients such as OfflineIMAP send ID before login."""
+        self.send(ID_REPLY + _tagged(command.tag, OK))
+
+    def do_LOGIN(self, command):
+        if len(command.args) != 2 or not command.args[0]:
+            raise Rejected(self.invalid_reply(command))
+        self.tag = command.tag
+        self.authenticate(Credentials("plain", *command.args))
+
+    def do_AUTHENTICATE(self, command):
+        if not 1 <= len(command.args) <= 2:
+            raise Rejected(self.invalid_reply(command))
+        mechanism = command.args[0].upper().decode("latin-1")
+        initial = command.args[1] if len(command.args) == 2 else None
+        if mechanism not in self.service.texts.mechanisms:
+            raise Rejected(self.invalid_reply(command))
+        if mechanism == "CRAM-MD5":
+            if initial is not None:
+                raise Rejected(self.invalid_reply(command))
+            self.new_salt()
+        try:
+            credentials = self.sasl(mechanism, initial, _continuation, self.command_limit())
+        except SaslError:
+            raise Rejected(self.invalid_reply(command)) from None
+        self.tag = command.tag
+        self.authenticate(credentials)
+
+    # ------------------------------------------- shared-frame hooks
+
+    def command_limit(self):
+        return self.config.imap_client_buffer
+
+    def invalid_reply(self, command):
+        return _tagged(command.tag, INVALID)
+
+    def too_long_reply(self, head):
+        tag, space, _ = head.partition(b" ")
+        return _tagged(tag if space and TAG.fullmatch(tag) else b"*", INVALID)
+
+    def auth_failed_reply(self, reply):
+        return _tagged(self.tag, b"NO " + reply.status.encode("latin-1"))
+
+    def backend_login(self, stream, login, password):
+        return backend.imap_login(stream, self.tag, login, password,
+                                  self.config.proxy_buffer, self.set_step)
+
+
+def _tagged(tag, text):
+    return tag + b" " + text + b"\r\n"
+
+
+def _continuation(challenge):
+    return b"+ " + challenge.encode() + b"\r\n"
+
+
+def _invalid(tag, body):
+    """A parser-level error: counted, and fatal after a non-synchronizing
+    literal, whose bytes would otherwise run as commands (spec 3.1)."""
+    return Rejected(_tagged(tag, INVALID), counted=True, close=body.endswith(b"+}"))
+
+
+def _strip_line_end(line):
+    """The line without LF or CRLF (a CR elsewhere is for the parser to refuse)."""
+    line = line[:-1] if line.endswith(b"\n") else line
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def _quoted(tag, rest):
+    """A "quoted string" with backslash escapes -> (value, what follows)."""
+    value = bytearray()
+    position = 1
+    while position < len(rest):
+        byte = rest[position]
+        if byte == 0x5C:            # backslash: the next byte stands for itself
+            position += 1
+            if position == len(rest):
+                break
+            value.append(rest[position])
+        elif byte == 0x22:
+            return bytes(value), rest[position + 1:]
+        else:
+            value.append(byte)
+        position += 1
+    raise _invalid(tag, rest)

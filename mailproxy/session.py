@@ -1,0 +1,316 @@
+"""The protocol-independent session: one client connection, accept to close.
+
+`Session` is the socketserver request handler, as
+`http.server.BaseHTTPRequestHandler` is: the listener makes one per accepted
+connection, in its own thread, and `handle()` runs the whole dialogue:
+
+    greet -> read a command -> dispatch to do_<VERB> -> ... -> authenticate
+          -> ask the auth service -> log in to the backend -> relay -> close
+
+IMAP, POP3 and SMTP subclass it.  A subclass supplies its texts (greeting,
+internal-error line), `read_command()` (its parser), the `do_<VERB>` methods
+(found by name once, when the class is made), the `STATES` table of which
+verbs are legal when, and `backend_login()`.  The shared machinery lives
+here: the `timeout` deadline for the pre-login phase, the `max_errors`
+budget, SASL exchanges, Auth-Wait and WAIT handling, and the single place
+where every exception becomes a log line and, if still possible, a reply.
+
+Handlers raise, they do not write error replies: `Rejected(reply)` for a
+refused command, `InternalError` for a failure the client can only be told
+about with the internal-error line.
+"""
+
+import itertools
+import socket
+import socketserver
+import time
+
+from . import backend as backend_mod
+from .auth_http import AuthRequest, AuthServiceError
+from .backend import BackendError
+from .log import SessionLog
+from .relay import Relay
+from .sasl import EXCHANGES, make_salt
+from .stream import Closed, Stream, TooLong
+
+MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
+                            # (nginx loops for ever; its docs suggest 10-20 attempts)
+_connections = itertools.count(1)   # nginx's connection number, "*N" in logs
+
+
+class Rejected(Exception):
+    """A command is refused.  `reply` is sent; `counted` adds to max_errors
+    (parser-level errors only, spec 3.0); `close` ends the session after."""
+
+    def __init__(self, reply, counted=False, close=False):
+        super().__init__(reply)
+        self.reply, self.counted, self.close = reply, counted, close
+
+
+class InternalError(Exception):
+    """The client gets the internal-error line and the session ends."""
+
+
+class Command:
+    """A parsed client command: its tag (IMAP only), verb and arguments."""
+
+    __slots__ = ("tag", "verb", "args")
+
+    def __init__(self, verb, args=(), tag=None):
+        self.tag, self.verb, self.args = tag, verb, list(args)
+
+    def __repr__(self):         # never the arguments: they may be a password
+        return f"<Command {self.verb} ({len(self.args)} args)>"
+
+
+class Session(socketserver.BaseRequestHandler):
+    """One client connection.  Subclasses set the class attributes below
+    and define `read_command`, `greet`, the `do_<VERB>` handlers,
+    `auth_failed_reply` and `backend_login`."""
+
+    protocol = ""
+    INTERNAL_ERROR = b""
+    STATES = {"start": ()}          # state -> verbs accepted in it
+    needs_backend_password = True   # IMAP/POP3 must have a clear-text password
+    handlers = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.handlers = {name[3:]: getattr(cls, name) for name in dir(cls)
+                        if name.startswith("do_")}
+
+    # ------------------------------------------------------------ frame
+
+    def setup(self):
+        self.service, self.server_text = self.server.route(self.request)
+        self.config = self.service.config
+        self.conn = next(_connections)
+        self.client = Stream(self.request)
+        self.backend = None
+        self.state = "start"
+        self.errors = 0
+        self.attempt = 0
+        self.quit = False
+        self.salt = b""
+        self.step = "in auth state"
+        self.login = None
+        self.upstream_text = ""
+        self.client_text = self.client_address[0] if self.client_address else "unix:"
+        self.log = SessionLog(self.service.logger, self)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.track(self)
+
+    def finish(self):
+        self.server.untrack(self)
+        if self.backend:
+            self.backend.sock.close()
+
+    def handle(self):
+        """The funnel: every way a session can end is logged here, once."""
+        self.log.info("client %s connected to %s", _peer(self.client_address),
+                      self.server_text)
+        try:
+            self.run()
+        except Closed:
+            self.log.info("client closed connection")
+        except TimeoutError:
+            self.log.info("client timed out")
+        except TooLong as exc:
+            self.log.info("client sent too long command")
+            self._send_quietly(self.too_long_reply(exc.head))
+        except (InternalError, AuthServiceError, BackendError) as exc:
+            self.log.error("%s", exc)
+            self._send_quietly(self.INTERNAL_ERROR)
+        except OSError as exc:
+            self.log.info("%s", exc.strerror or exc)
+        except Exception:
+            self.log.exception("unexpected error")
+            self._send_quietly(self.INTERNAL_ERROR)
+
+    def run(self):
+        self.client.set_deadline(self.config.timeout)
+        self.greet()
+        while not self.quit:
+            self.next_command()
+
+    def next_command(self):
+        try:
+            command = self.read_command()
+            handler = self.handlers.get(command.verb)
+            if handler is None:
+                raise Rejected(self.invalid_reply(command), counted=True)
+            if command.verb not in self.STATES[self.state]:
+                self.state = "start"
+                raise Rejected(self.invalid_reply(command))
+            handler(self, command)
+        except Rejected as exc:
+            self.reject(exc)
+
+    def reject(self, exc):
+        """Send a refusal; count it if the parser refused (max_errors)."""
+        if exc.counted:
+            self.errors += 1
+        self.send(exc.reply)
+        if exc.close:
+            self.quit = True
+        elif exc.counted and self.errors >= self.config.max_errors:
+            self.log.info("client sent too many invalid commands")
+            self.quit = True
+
+    def send(self, data):
+        self.client.write(data)
+
+    def _send_quietly(self, data):
+        """A last word before closing; the client may already be gone."""
+        try:
+            self.client.write(data)
+        except (OSError, Closed, TimeoutError):
+            pass
+
+    def abort(self):
+        """Called from another thread (fast stop): end this session now."""
+        for sock in (self.request, self.backend.sock if self.backend else None):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # ----------------------------------------------------- for the logs
+
+    @property
+    def login_text(self):
+        """The login as logs show it: printable, never a control byte."""
+        if self.login is None:
+            return None
+        text = self.login[:256].decode("utf-8", "backslashreplace")
+        return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+    def set_step(self, text):
+        self.step = text
+
+    # ---------------------------------------------------------- SASL
+
+    def sasl(self, mechanism, initial, continuation, limit):
+        """Run a SASL exchange; `continuation(challenge)` makes the protocol's
+        `+ ...` or `334 ...` line.  Returns Credentials; raises SaslError."""
+        exchange = EXCHANGES[mechanism](initial, self.salt)
+        try:
+            challenge = next(exchange)
+            while True:
+                self.send(continuation(challenge))
+                challenge = exchange.send(self.client.readline(limit))
+        except StopIteration as done:
+            return done.value
+
+    def new_salt(self):
+        """The session's one salt (spec 2.2), made on first use."""
+        if not self.salt:
+            self.salt = make_salt(self.config.server_name)
+        return self.salt
+
+    # ------------------------------------------------ authentication
+
+    def authenticate(self, credentials):
+        """Ask the auth service; on success log in to the backend and relay.
+        On a refusal the client gets the error; with Auth-Wait the session
+        goes back to the start state, as nginx does."""
+        self.attempt += 1
+        self.login = credentials.login
+        self.step = "in http auth state"
+        self.client.set_deadline(None)
+        reply = self.ask_auth_service(credentials)
+        if not reply.ok:
+            self.refused(reply)
+            return
+        self.proxy(credentials, reply)
+
+    def auth_request(self, credentials):
+        return AuthRequest(method=credentials.method, login=credentials.login,
+                           password=credentials.password, salt=credentials.salt,
+                           protocol=self.protocol, attempt=self.attempt,
+                           client_ip=self.client_text, extra=self.auth_extra_headers())
+
+    def auth_extra_headers(self):
+        """Protocol-specific request headers (SMTP adds Client-Host)."""
+        return ()
+
+    def ask_auth_service(self, credentials):
+        request = self.auth_request(credentials)
+        for _ in range(MAX_WAIT_RETRIES + 1):
+            reply = self.service.auth.ask(request)
+            if not reply.retry:
+                return reply
+            self.log.info("auth http server asked to wait %ss", reply.wait)
+            self.client.wait(reply.wait, self.command_limit())
+        raise AuthServiceError(f"auth http server answered WAIT {MAX_WAIT_RETRIES + 1} times")
+
+    def refused(self, reply):
+        self.log.info('client login failed: "%s"', reply.status)
+        if not reply.wait:
+            self.send(self.auth_failed_reply(reply))
+            self.quit = True
+            return
+        self.client.wait(reply.wait, self.command_limit())
+        self.send(self.auth_failed_reply(reply))
+        self.state = "start"
+        self.step = "in auth state"
+        self.client.set_deadline(self.config.timeout)
+
+    def proxy(self, credentials, reply):
+        """Log in to the backend the auth service chose, then relay."""
+        login = reply.user if reply.user is not None else credentials.login
+        clear_text = credentials.password if credentials.method == "plain" else b""
+        password = reply.password if reply.password is not None else clear_text
+        if self.needs_backend_password and not password:
+            raise AuthServiceError("auth http server did not send password")
+        self.login = login
+        self.upstream_text = _hostport(reply.server, reply.port)
+        self.step = "connecting to upstream"
+        self.backend = backend_mod.connect(reply.server, reply.port, self.config.timeout)
+        try:
+            final = self.backend_login(self.backend, login, password)
+        except BackendError as exc:
+            self.backend_failed(exc)
+            return
+        self.send(final + self.backend.take_buffer())
+        self.relay()
+
+    def backend_failed(self, exc):
+        """proxy_pass_error_message: show the backend's refusal verbatim."""
+        if exc.reply and self.config.proxy_pass_error_message:
+            self.log.error("%s", exc)
+            self._send_quietly(exc.reply)
+            self.quit = True
+            return
+        raise exc
+
+    def relay(self):
+        self.step = "proxying"
+        self.log.info("client logged in, proxying to %s", self.upstream_text)
+        started = time.monotonic()
+        relay = Relay(self.request, self.backend.sock, self.config.proxy_timeout,
+                      linger=self.config.timeout, buffers=self.relay_buffers(),
+                      name=f"session-{self.conn}")
+        outcome = relay.run(self.client.take_buffer())
+        self.quit = True
+        self.log.info("proxied session done: %d bytes from client, %d bytes from upstream, "
+                      "%.1fs, closed by %s", outcome.client_bytes, outcome.backend_bytes,
+                      time.monotonic() - started, outcome.closed_by)
+
+    # ------------------------------------------- what subclasses define
+
+    def command_limit(self):
+        """The client command buffer size: the longest command accepted."""
+        raise NotImplementedError
+
+    def relay_buffers(self):
+        return (self.command_limit(), self.config.proxy_buffer)
+
+
+def _peer(address):
+    return f"{address[0]}:{address[1]}" if address else "unix:"
+
+
+def _hostport(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,126 @@
+"""A line-oriented wrapper around a blocking socket.
+
+Mail protocols are read a line at a time, and a proxy must never trust the
+peer to end its lines: every read here is bounded by a byte limit, and every
+read and write by a deadline.  The deadline is one point in time for a
+whole phase (nginx's `timeout` covers the entire pre-login dialogue, not
+each command), so each call sets the socket timeout to what is left of it.
+
+Bytes read past the end of a line stay in `buffer`: a client may pipeline
+several commands, and whatever is left when the relay starts is sent on to
+the backend first.
+"""
+
+import select
+import socket
+import time
+
+CHUNK = 4096            # one recv(); commands are short, literals arrive in pieces
+
+
+class Closed(Exception):
+    """The peer closed the connection (or reset it)."""
+
+
+class TooLong(Exception):
+    """No end of line within the limit.  `head` is what was read, so the
+    caller can still find a tag to answer with."""
+
+    def __init__(self, head):
+        super().__init__("line too long")
+        self.head = bytes(head)
+
+
+class Stream:
+    """A socket plus a read buffer, a byte limit per read, and a deadline."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.deadline = None
+
+    def set_deadline(self, seconds):
+        """Let the next reads and writes together take at most `seconds`
+        (None: wait for ever)."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def _arm(self):
+        if self.deadline is None:
+            self.sock.settimeout(None)
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(left)
+
+    def _fill(self):
+        self._arm()
+        try:
+            data = self.sock.recv(CHUNK)
+        except ConnectionError:
+            raise Closed() from None
+        if not data:
+            raise Closed()
+        self.buffer += data
+
+    def readline(self, limit):
+        """One line, LF included, of at most `limit` bytes."""
+        start = 0
+        while True:
+            end = self.buffer.find(b"\n", start, limit)
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                return line
+            if len(self.buffer) >= limit:
+                raise TooLong(self.buffer[:limit])
+            start = len(self.buffer)
+            self._fill()
+
+    def read_exact(self, size):
+        """Exactly `size` bytes (an IMAP literal); the caller bounds `size`."""
+        while len(self.buffer) < size:
+            self._fill()
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def write(self, data):
+        self._arm()
+        try:
+            self.sock.sendall(data)
+        except ConnectionError:
+            raise Closed() from None
+
+    def take_buffer(self):
+        """Hand over the bytes read but not yet used (pipelined commands)."""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    def wait(self, seconds, limit):
+        """Sleep `seconds`, but notice if the peer goes away meanwhile.
+
+        Bytes that arrive are kept (up to `limit` buffered), since a client
+        may already have sent its next command.  Raises Closed on EOF.
+        """
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if len(self.buffer) >= limit:
+                time.sleep(left)
+                return
+            readable, _, _ = select.select([self.sock], [], [], left)
+            if readable:
+                self.sock.settimeout(0)
+                try:
+                    data = self.sock.recv(limit - len(self.buffer))
+                except (BlockingIOError, socket.timeout):
+                    continue
+                except ConnectionError:
+                    raise Closed() from None
+                if not data:
+                    raise Closed()
+                self.buffer += data

@@ -1,0 +1,19 @@
+"""Packaging: `pip install -e .` gives the `mailproxy` command.
+
+Only the mailproxy/ package is installed; mailproxy.py is a launcher for
+source checkouts and is never installed as a module (it would shadow the
+package).
+"""
+
+from setuptools import setup
+
+setup(
+    name="mailproxy",
+    version="0.1.0",
+    description="An IMAP, POP3 and SMTP proxy in the mould of nginx's mail module",
+    packages=["mailproxy"],
+    python_requires=">=3.10",
+    install_requires=["click>=8", "requests>=2.28", "crossplane>=0.5"],
+    extras_require={"test": ["pytest>=7", "coverage>=7", "hypothesis>=6", "cryptography>=41"]},
+    entry_points={"console_scripts": ["mailproxy = mailproxy.cli:main"]},
+)
