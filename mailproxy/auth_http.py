@@ -210,7 +210,12 @@ def _atoi(text):
 
 
 def _reason(exc):
-    """The innermost reason of a requests error, short enough for a log line."""
-    while exc.__context__ is not None and exc.args and isinstance(exc.args[0], Exception):
-        exc = exc.args[0]
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    """The root cause of a requests error ("Connection refused"), for the log."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"{exc.errno}: {exc.strerror}"
+        inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        exc = getattr(exc, "reason", None) or inner or exc.__cause__ or exc.__context__
+    return "connection failed"

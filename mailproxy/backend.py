@@ -95,6 +95,21 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None):
     return untagged + line
 
 
+# ------------------------------------------------------------------- POP3
+
+def pop3_login(stream, login, password, limit, step=lambda text: None):
+    """USER then PASS, whatever the client used (spec 4.3); returns the
+    backend's final +OK line for the client."""
+    step("reading response from upstream")
+    expect(read_reply(stream, limit), b"+OK")
+    step("sending user name to upstream")
+    send(stream, b"USER " + login + b"\r\n")
+    expect(read_reply(stream, limit), b"+OK")
+    step("sending password to upstream")
+    send(stream, b"PASS " + password + b"\r\n")
+    return expect(read_reply(stream, limit), b"+OK")
+
+
 def _printable(line):
     """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
     text = line.rstrip(b"\r\n")[:200].decode("utf-8", "backslashreplace")

@@ -25,7 +25,7 @@ READY, NOOP, LATER = "ready", "noop", "later"
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 PROTOCOLS = ("imap", "pop3", "smtp")
-PROTOCOLS_READY = ("imap",)
+PROTOCOLS_READY = ("imap", "pop3")
 # nginx guesses a server's protocol from its first listen port.
 PROTOCOL_BY_PORT = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
                     25: "smtp", 465: "smtp", 587: "smtp"}

@@ -25,6 +25,7 @@ INVALID = b"BAD invalid command"
 MAX_ARGUMENTS = 3                       # nginx rejects a fourth at parse time
 TAG = re.compile(rb"[A-Za-z0-9._-]{1,32}")
 LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}")   # only at the end of a line
+LITERAL_AT_END = re.compile(rb"\{\d+\+?\}$")
 AUTH_ORDER = (("plain", b"AUTH=PLAIN"), ("login", b"AUTH=LOGIN"),
               ("cram-md5", b"AUTH=CRAM-MD5"), ("external", b"AUTH=EXTERNAL"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}    # even when imap_auth does not list them
@@ -75,7 +76,7 @@ class ImapSession(Session):
         """ID's argument is a parenthesized list (RFC 2971), which nginx's
         parser does not know; the proxy ignores it, so it is not parsed.
         A literal in it cannot be skipped safely: refuse that line."""
-        if LITERAL.search(body):
+        if LITERAL_AT_END.search(body):
             raise _invalid(tag, body)
         return Command("ID", (), tag)
 

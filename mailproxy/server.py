@@ -24,9 +24,10 @@ from . import NGINX_COMPAT, __version__
 from . import log as logmod
 from .auth_http import AuthClient
 from .imap import ImapSession
+from .pop3 import Pop3Session
 
-SESSION_CLASSES = {"imap": ImapSession}
-POLL_INTERVAL = 0.5         # how often serve_forever looks for shutdown()
+SESSION_CLASSES = {"imap": ImapSession, "pop3": Pop3Session}
+POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
 
 
 class Service:

@@ -140,7 +140,6 @@ class Session(socketserver.BaseRequestHandler):
             if handler is None:
                 raise Rejected(self.invalid_reply(command), counted=True)
             if command.verb not in self.STATES[self.state]:
-                self.state = "start"
                 raise Rejected(self.invalid_reply(command))
             handler(self, command)
         except Rejected as exc:
@@ -150,6 +149,7 @@ class Session(socketserver.BaseRequestHandler):
         """Send a refusal; count it if the parser refused (max_errors)."""
         if exc.counted:
             self.errors += 1
+        self.state = "start"
         self.send(exc.reply)
         if exc.close:
             self.quit = True
@@ -253,9 +253,14 @@ class Session(socketserver.BaseRequestHandler):
             return
         self.client.wait(reply.wait, self.command_limit())
         self.send(self.auth_failed_reply(reply))
-        self.state = "start"
+        self.back_to_start()
         self.step = "in auth state"
         self.client.set_deadline(self.config.timeout)
+
+    def back_to_start(self):
+        """After a refused login with Auth-Wait: start over (spec 2.5).
+        Subclasses also forget what they collected for the attempt."""
+        self.state = "start"
 
     def proxy(self, credentials, reply):
         """Log in to the backend the auth service chose, then relay."""

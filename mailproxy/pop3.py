@@ -1,0 +1,144 @@
+"""POP3 before login (RFC 1939, RFC 2449 CAPA, RFC 5034 AUTH), as nginx.
+
+The proxy answers CAPA, AUTH (the method list), NOOP and QUIT itself and
+takes credentials from USER/PASS, APOP or AUTH.  The parser follows nginx
+(spec 3.2): a four-letter keyword, at most three arguments, and for USER
+and PASS everything after the keyword is one argument, spaces included.
+"""
+
+from . import backend
+from .sasl import Credentials, SaslError, apop
+from .session import Command, Rejected, Session
+
+GREETING = b"+OK POP3 ready"
+INTERNAL_ERROR = b"-ERR internal server error\r\n"
+INVALID = b"-ERR invalid command\r\n"
+OK = b"+OK\r\n"
+CAPA_HEADER = b"+OK Capability list follows\r\n"
+AUTH_HEADER = b"+OK methods supported:\r\n"
+END = b".\r\n"
+# nginx's POP3 command buffer is a fixed 128 bytes (there is no directive):
+# RFC 2449 4 allows 255 octets, but no pre-login command needs more.
+COMMAND_LIMIT = 128
+MAX_ARGUMENTS = 3
+WHOLE_LINE_ARGUMENT = {"USER", "PASS"}  # "USER my user" logs in as "my user"
+SASL_ORDER = (("plain", b"PLAIN"), ("plain", b"LOGIN"),   # `plain` enables LOGIN too
+              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"))
+ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}
+
+
+class Texts:
+    """Reply lines that depend only on the config, built once per server."""
+
+    def __init__(self, config):
+        names = [name for method, name in SASL_ORDER if method in config.pop3_auth]
+        caps = b"".join(cap.encode() + b"\r\n" for cap in config.pop3_capabilities)
+        self.capa = CAPA_HEADER + caps + b" ".join([b"SASL"] + names) + b"\r\n" + END
+        self.auth_methods = AUTH_HEADER + b"".join(n + b"\r\n" for n in names) + END
+        self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.pop3_auth
+                                             if m in ("cram-md5", "external")}
+        self.salted = bool({"apop", "cram-md5"} & config.pop3_auth)
+        self.apop = "apop" in config.pop3_auth
+
+
+class Pop3Session(Session):
+    """The POP3 dialogue up to a successful PASS, APOP or AUTH."""
+
+    protocol = "pop3"
+    INTERNAL_ERROR = INTERNAL_ERROR
+    STATES = {"start": {"USER", "APOP", "AUTH", "CAPA", "NOOP", "QUIT"},
+              "user": {"PASS", "CAPA", "NOOP", "QUIT"}}
+    prepare = Texts
+    user = b""
+
+    def greet(self):
+        """`+OK POP3 ready`, with the APOP timestamp when a digest may follow."""
+        if self.service.texts.salted:
+            self.send(GREETING + b" " + self.new_salt() + b"\r\n")
+        else:
+            self.send(GREETING + b"\r\n")
+
+    def read_command(self):
+        body = self.client.readline(COMMAND_LIMIT).rstrip(b"\n")
+        body = body[:-1] if body.endswith(b"\r") else body
+        verb, _, rest = body.partition(b" ")
+        if b"\r" in body or len(verb) != 4 or not verb.isalpha():
+            raise Rejected(INVALID, counted=True)
+        verb = verb.upper().decode()
+        rest = rest.lstrip(b" ")
+        if verb in WHOLE_LINE_ARGUMENT:
+            return Command(verb, [rest] if rest else [])
+        args = rest.split()
+        if len(args) > MAX_ARGUMENTS:
+            raise Rejected(INVALID, counted=True)
+        return Command(verb, args)
+
+    # --------------------------------------------------------- commands
+
+    def do_USER(self, command):
+        if len(command.args) != 1:
+            raise Rejected(INVALID)
+        self.user = command.args[0]
+        self.state = "user"
+        self.send(OK)
+
+    def do_PASS(self, command):
+        if len(command.args) != 1:
+            raise Rejected(INVALID)
+        self.authenticate(Credentials("plain", self.user, command.args[0]))
+
+    def do_APOP(self, command):
+        if len(command.args) != 2 or not self.service.texts.apop:
+            raise Rejected(INVALID)
+        self.authenticate(apop(command.args[0], command.args[1], self.salt))
+
+    def do_AUTH(self, command):
+        if not command.args:
+            self.send(self.service.texts.auth_methods)
+            return
+        mechanism = command.args[0].upper().decode("latin-1")
+        initial = command.args[1] if len(command.args) == 2 else None
+        if len(command.args) > 2 or mechanism not in self.service.texts.mechanisms \
+                or (mechanism == "CRAM-MD5" and initial is not None):
+            raise Rejected(INVALID)
+        try:
+            credentials = self.sasl(mechanism, initial, _continuation, COMMAND_LIMIT)
+        except SaslError:
+            raise Rejected(INVALID) from None
+        self.authenticate(credentials)
+
+    def do_CAPA(self, command):
+        self.send(self.service.texts.capa)
+
+    def do_NOOP(self, command):
+        self.send(OK)
+
+    def do_QUIT(self, command):
+        self.send(OK)
+        self.quit = True
+
+    # ------------------------------------------- shared-frame hooks
+
+    def command_limit(self):
+        return COMMAND_LIMIT
+
+    def invalid_reply(self, command):
+        return INVALID
+
+    def too_long_reply(self, head):
+        return INVALID
+
+    def auth_failed_reply(self, reply):
+        return b"-ERR " + reply.status.encode("latin-1") + b"\r\n"
+
+    def back_to_start(self):
+        self.user = b""
+        super().back_to_start()
+
+    def backend_login(self, stream, login, password):
+        return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
+                                  self.set_step)
+
+
+def _continuation(challenge):
+    return b"+ " + challenge.encode() + b"\r\n"
