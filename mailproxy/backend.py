@@ -13,8 +13,10 @@ on`; a close, a timeout or an overlong line always gives the client the
 protocol's internal-error line.
 """
 
+import base64
 import socket
 import time
+from dataclasses import dataclass
 
 from .stream import Closed, Stream, TooLong
 
@@ -108,6 +110,104 @@ def pop3_login(stream, login, password, limit, step=lambda text: None):
     step("sending password to upstream")
     send(stream, b"PASS " + password + b"\r\n")
     return expect(read_reply(stream, limit), b"+OK")
+
+
+# ------------------------------------------------------------------- SMTP
+
+@dataclass(frozen=True)
+class SmtpPlan:
+    """Everything the SMTP backend login needs (spec 4.4)."""
+    server_name: bytes
+    ehlo: bool                  # EHLO (client used EHLO, or XCLIENT on) else HELO
+    xclient: bool
+    client_ip: str
+    client_host: bytes
+    login: bytes
+    password: bytes
+    helo: tuple = None          # (verb, argument) the client sent, or None
+    auth: str = None            # "plain", "login" or None
+    mail_from: bytes = b""      # MX mode: the client's MAIL and RCPT lines
+    rcpt_to: bytes = b""
+
+    def __repr__(self):
+        return f"SmtpPlan(login={self.login!r}, auth={self.auth}, xclient={self.xclient})"
+
+
+def read_smtp_reply(stream, limit):
+    """A whole reply, multi-line included (`250-...` up to `250 ...`),
+    bounded by `limit` bytes in all (RFC 5321 4.2.1)."""
+    reply = b""
+    while True:
+        line = read_reply(stream, limit - len(reply))
+        reply += line
+        if line[3:4] != b"-":
+            return reply
+
+
+def expect_code(reply, *codes):
+    if reply[:3] not in codes:
+        raise BackendError(f'upstream sent invalid response: "{_printable(reply)}"', reply)
+    return reply
+
+
+def smtp_login(stream, plan, limit, step=lambda text: None):
+    """Greeting, EHLO/HELO, XCLIENT, the client's own HELO, AUTH, and in MX
+    mode MAIL/RCPT; returns the last reply (the client sees the RCPT reply
+    in MX mode, `235 2.0.0 OK` otherwise)."""
+    def command(line, *codes):
+        send(stream, line + b"\r\n")
+        return expect_code(read_smtp_reply(stream, limit), *codes)
+
+    step("reading response from upstream")
+    expect_code(read_smtp_reply(stream, limit), b"220")
+    step("sending helo to upstream")
+    reply = command((b"EHLO " if plan.ehlo else b"HELO ") + plan.server_name, b"250")
+    if plan.xclient:
+        step("sending xclient to upstream")
+        reply = command(xclient_line(plan), b"220", b"250")
+        if plan.helo:
+            step("sending client helo to upstream")
+            reply = command(plan.helo[0] + b" " + plan.helo[1], b"250")
+    if plan.auth:
+        if not plan.password:
+            raise BackendError("no password available for upstream AUTH")
+        step("sending auth to upstream")
+        reply = smtp_auth(command, plan)
+    if plan.rcpt_to:
+        step("sending mail from to upstream")
+        command(plan.mail_from, b"250")
+        step("sending rcpt to to upstream")
+        send(stream, plan.rcpt_to + b"\r\n")
+        reply = read_smtp_reply(stream, limit)     # any reply: the client judges it
+    return reply
+
+
+def smtp_auth(command, plan):
+    """AUTH PLAIN with no authzid (as nginx), or AUTH LOGIN (beyond nginx)."""
+    if plan.auth == "plain":
+        token = base64.b64encode(b"\0" + plan.login + b"\0" + plan.password)
+        return command(b"AUTH PLAIN " + token, b"235")
+    command(b"AUTH LOGIN", b"334")
+    command(base64.b64encode(plan.login), b"334")
+    return command(base64.b64encode(plan.password), b"235")
+
+
+def xclient_line(plan):
+    """`XCLIENT ADDR=... [LOGIN=...] NAME=...`, values xtext-encoded."""
+    addr = plan.client_ip.encode()
+    if b":" in addr:
+        addr = b"IPV6:" + addr
+    line = b"XCLIENT ADDR=" + xtext(addr)
+    if plan.login and not plan.auth:
+        line += b" LOGIN=" + xtext(plan.login)
+    return line + b" NAME=" + xtext(plan.client_host)
+
+
+def xtext(value):
+    """RFC 3461 4: bytes outside "!".."~", "+" and "=" become +XX (upper-case
+    hex), so a login cannot inject XCLIENT attributes or commands."""
+    return b"".join(b"+%02X" % byte if byte < 0x21 or byte > 0x7E or byte in b"+="
+                    else bytes((byte,)) for byte in value)
 
 
 def _printable(line):

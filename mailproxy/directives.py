@@ -15,6 +15,7 @@ The table follows section 1 of the nginx mail reference
 (`nginx-mail-spec.md`); the status column marks what is not built yet.
 """
 
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ READY, NOOP, LATER = "ready", "noop", "later"
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 PROTOCOLS = ("imap", "pop3", "smtp")
-PROTOCOLS_READY = ("imap", "pop3")
+PROTOCOLS_READY = ("imap", "pop3", "smtp")
 # nginx guesses a server's protocol from its first listen port.
 PROTOCOL_BY_PORT = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
                     25: "smtp", 465: "smtp", 587: "smtp"}
@@ -127,11 +128,22 @@ def error_log(args):
 
 
 def resolver(args):
-    """`resolver off` -> None; otherwise the addresses and parameters."""
+    """`resolver off` -> None; otherwise the server addresses (IP literals,
+    optional port) and the valid=/ipv4=/ipv6=/status_zone= parameters."""
     if args == ["off"]:
         return None
-    if "off" in args:
-        raise BadValue('invalid value "off"')
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if eq and name in ("ipv4", "ipv6"):
+            parse_flag(value)
+        elif eq and name == "valid":
+            parse_time(value)
+        elif not (eq and name == "status_zone"):
+            host, _ = split_host_port(arg, default_port=53)
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                raise BadValue(f'invalid resolver address "{arg}"') from None
     return tuple(args)
 
 
@@ -336,8 +348,7 @@ _ROWS = [
     Directive("protocol", (SERVER,), (1, 1), single(one_of(*PROTOCOLS))),
     Directive("timeout", M_S, (1, 1), single(parse_time), ["60s"]),
     Directive("server_name", M_S, (1, 1), single(str)),
-    Directive("resolver", M_S, (1, None), resolver, ["off"], status=LATER,
-              note="DNS lookups arrive with SMTP"),
+    Directive("resolver", M_S, (1, None), resolver, ["off"]),
     Directive("resolver_timeout", M_S, (1, 1), single(parse_time), ["30s"]),
     Directive("max_errors", M_S, (1, 1), single(parse_number), ["5"]),
     Directive("so_keepalive", M_S, (1, 1), single(parse_flag),

@@ -25,8 +25,9 @@ from . import log as logmod
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .pop3 import Pop3Session
+from .smtp import SmtpSession
 
-SESSION_CLASSES = {"imap": ImapSession, "pop3": Pop3Session}
+SESSION_CLASSES = {"imap": ImapSession, "pop3": Pop3Session, "smtp": SmtpSession}
 POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
 
 

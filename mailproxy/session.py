@@ -54,10 +54,10 @@ class InternalError(Exception):
 class Command:
     """A parsed client command: its tag (IMAP only), verb and arguments."""
 
-    __slots__ = ("tag", "verb", "args")
+    __slots__ = ("tag", "verb", "args", "line")
 
-    def __init__(self, verb, args=(), tag=None):
-        self.tag, self.verb, self.args = tag, verb, list(args)
+    def __init__(self, verb, args=(), tag=None, line=b""):
+        self.tag, self.verb, self.args, self.line = tag, verb, list(args), line
 
     def __repr__(self):         # never the arguments: they may be a password
         return f"<Command {self.verb} ({len(self.args)} args)>"
@@ -91,6 +91,7 @@ class Session(socketserver.BaseRequestHandler):
         self.errors = 0
         self.attempt = 0
         self.quit = False
+        self.auth_reply = None
         self.salt = b""
         self.step = "in auth state"
         self.login = None
@@ -219,7 +220,7 @@ class Session(socketserver.BaseRequestHandler):
         self.login = credentials.login
         self.step = "in http auth state"
         self.client.set_deadline(None)
-        reply = self.ask_auth_service(credentials)
+        reply = self.auth_reply = self.ask_auth_service(credentials)
         if not reply.ok:
             self.refused(reply)
             return

@@ -124,3 +124,18 @@ class Stream:
                 if not data:
                     raise Closed()
                 self.buffer += data
+
+    def talked_within(self, seconds):
+        """Did the peer send anything in the next `seconds`?  (SMTP's
+        greeting delay; the bytes stay unread.)  Raises Closed on EOF."""
+        if self.buffer:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], seconds)
+        if not readable:
+            return False
+        try:
+            if not self.sock.recv(1, socket.MSG_PEEK):
+                raise Closed()
+        except ConnectionError:
+            raise Closed() from None
+        return True
