@@ -98,3 +98,45 @@ def _send_signal(config, name):
         _say(f'[error] signal "{name}" to the process in "{path}" failed ({exc})')
         return 1
     return 0
+
+
+# ------------------------------------------------------------ auth service
+
+@main.group("auth-service", invoke_without_command=True)
+@click.option("-u", "--users", "users_path", default="users.conf", show_default=True,
+              type=click.Path(dir_okay=False), help="The users file.")
+@click.option("--listen", default="127.0.0.1:9000", show_default=True, metavar="HOST:PORT",
+              help="Address to serve auth_http on.")
+@click.pass_context
+def auth_service(ctx, users_path, listen):
+    """Run the reference auth service (see mailproxy/authservice.py)."""
+    from . import authservice
+    ctx.obj = users_path
+    if ctx.invoked_subcommand:
+        return
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {listen!r}", param_hint="--listen")
+    try:
+        authservice.Users(users_path)
+    except (OSError, authservice.UsersFileError) as exc:
+        _say(f"[emerg] {exc}")
+        ctx.exit(1)
+    _say(f"auth service for {users_path} listening on {listen}")
+    try:
+        authservice.serve(users_path, host.strip("[]") or "127.0.0.1", int(port))
+    except KeyboardInterrupt:
+        pass
+
+
+@auth_service.command("passwd")
+@click.argument("login")
+@click.option("--plain", is_flag=True,
+              help="Store the clear text ({PLAIN}), needed for CRAM-MD5 and APOP.")
+@click.password_option("--password", prompt="Password", help="The new password.")
+@click.pass_obj
+def passwd(users_path, login, plain, password):
+    """Add LOGIN to the users file or change its password."""
+    from . import authservice
+    authservice.set_password(users_path, login, password, plain=plain)
+    _say(f'password for "{login}" written to {users_path}')

@@ -1,0 +1,308 @@
+"""A reference auth service: the other half of `auth_http`, for small sites.
+
+The proxy asks "may this client log in, and where to?" with one HTTP GET
+whose headers carry the credentials (docs/auth-protocol.md).  This service
+answers from a users file:
+
+    # login  password              backends
+    joe      {SCRYPT}16384$8$1$...  imap=127.0.0.1:1143 pop3=127.0.0.1:1110 smtp=127.0.0.1:1025
+    ann      {PLAIN}pa55word        imap=10.0.0.5:143 auth-user=ann@example.org
+
+Passwords are stored as scrypt hashes (`mailproxy auth-service passwd joe`
+writes one), or as `{PLAIN}text` (`{PLAIN-B64}base64` if it holds white
+space or "#") for users who log in with CRAM-MD5 or APOP: those send a
+digest of the password, and checking a digest needs the clear text.  `auth-user=` renames the login toward the backend.  For SMTP without
+authentication (`smtp_auth none`, MX mode), the recipient's local part picks
+the user whose smtp= backend takes the mail.
+
+Failures are answered with a growing `Auth-Wait` (the proxy pauses before
+telling the client, then lets it try again), and a client address with too
+many recent failures is locked out for a while (`Auth-Error-Code: 454 4.7.0`
+for SMTP).  The file is re-read when it changes.
+"""
+
+import base64
+import hashlib
+import hmac
+import http.server
+import os
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1     # interactive-login cost (RFC 7914 12)
+MAX_WAIT = 8                    # seconds: Auth-Wait doubles per attempt up to this
+MAX_ATTEMPTS = 10               # then no Auth-Wait: the proxy closes the session
+FAILURES_BEFORE_LOCKOUT = 10    # per client address, within LOCKOUT_WINDOW
+LOCKOUT_WINDOW = 600            # seconds
+LOCKOUT_TIME = 300              # seconds
+RELOAD_CHECK = 1.0              # seconds between users-file mtime checks
+INVALID = "Invalid login or password"
+LOCKED = "Too many failures, try again later"
+
+
+class UsersFileError(Exception):
+    """A line of the users file does not parse; names file:line."""
+
+
+@dataclass
+class User:
+    login: str
+    secret: str                 # "{SCRYPT}..." or "{PLAIN}..."
+    backends: dict = field(default_factory=dict)   # protocol -> (host, port)
+    backend_login: str = None
+
+    @property
+    def clear_text(self):
+        """The password itself, for {PLAIN} and {PLAIN-B64} entries."""
+        if self.secret.startswith("{PLAIN}"):
+            return self.secret[len("{PLAIN}"):]
+        if self.secret.startswith("{PLAIN-B64}"):
+            return base64.b64decode(self.secret[len("{PLAIN-B64}"):]).decode()
+        return None
+
+
+# --------------------------------------------------------------- passwords
+
+def hash_password(password):
+    """`{SCRYPT}N$r$p$salt$hash`, salt and hash in base64."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    return "{SCRYPT}%d$%d$%d$%s$%s" % (SCRYPT_N, SCRYPT_R, SCRYPT_P,
+                                       base64.b64encode(salt).decode(),
+                                       base64.b64encode(digest).decode())
+
+
+def plain_secret(password):
+    """The {PLAIN} form; {PLAIN-B64} when the password has white space or
+    "#", which the users file's syntax cannot hold."""
+    if any(ch.isspace() or ch == "#" for ch in password):
+        return "{PLAIN-B64}" + base64.b64encode(password.encode()).decode()
+    return "{PLAIN}" + password
+
+
+def check_password(user, password):
+    if user.clear_text is not None:
+        return hmac.compare_digest(user.clear_text.encode(), password)
+    secret = user.secret
+    if not secret.startswith("{SCRYPT}"):
+        return False
+    try:
+        n, r, p, salt, digest = secret[8:].split("$")
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(password, salt=base64.b64decode(salt), n=int(n), r=int(r),
+                                p=int(p), dklen=len(expected))
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def check_cram_md5(clear_text, salt, digest):
+    """RFC 2195: hex HMAC-MD5 of the challenge, keyed with the password."""
+    expected = hmac.new(clear_text.encode(), salt, hashlib.md5).hexdigest()
+    return hmac.compare_digest(expected.encode(), digest.lower())
+
+
+def check_apop(clear_text, salt, digest):
+    """RFC 1939 7: hex MD5 of the timestamp followed by the password."""
+    expected = hashlib.md5(salt + clear_text.encode()).hexdigest()
+    return hmac.compare_digest(expected.encode(), digest.lower())
+
+
+# -------------------------------------------------------------- users file
+
+def parse_users(path):
+    users = {}
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if len(words) < 2:
+                raise UsersFileError(f"{path}:{number}: expected 'login password [backends]'")
+            user = User(words[0], words[1])
+            for word in words[2:]:
+                key, eq, value = word.partition("=")
+                if not eq:
+                    raise UsersFileError(f"{path}:{number}: expected key=value, got {word!r}")
+                if key == "auth-user":
+                    user.backend_login = value
+                elif key in ("imap", "pop3", "smtp"):
+                    host, _, port = value.rpartition(":")
+                    if not port.isdigit():
+                        raise UsersFileError(f"{path}:{number}: bad backend {value!r}")
+                    user.backends[key] = (host.strip("[]"), int(port))
+                else:
+                    raise UsersFileError(f"{path}:{number}: unknown key {key!r}")
+            users[user.login] = user
+    return users
+
+
+def set_password(path, login, password, plain=False):
+    """Add `login` or replace its password, keeping every other line."""
+    secret = plain_secret(password) if plain else hash_password(password)
+    lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
+    for index, line in enumerate(lines):
+        words = line.split()
+        if words and words[0] == login:
+            lines[index] = " ".join([login, secret] + words[2:])
+            break
+    else:
+        lines.append(f"{login} {secret}")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+class Users:
+    """The users file, re-read when its mtime changes (checked at most
+    once a second).  Request threads share it; the lock guards the swap."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.mtime = os.stat(path).st_mtime
+        self.users = parse_users(path)
+        self.checked = time.monotonic()
+
+    def get(self, login):
+        self._maybe_reload()
+        with self.lock:
+            return self.users.get(login)
+
+    def _maybe_reload(self):
+        now = time.monotonic()
+        if now - self.checked < RELOAD_CHECK:
+            return
+        self.checked = now
+        try:
+            mtime = os.stat(self.path).st_mtime
+            if mtime != self.mtime:
+                users = parse_users(self.path)
+                with self.lock:
+                    self.users, self.mtime = users, mtime
+        except (OSError, UsersFileError):
+            pass                    # keep serving the last good file
+
+
+class Failures:
+    """Recent failures per client address, for the temporary lockout."""
+
+    def __init__(self):
+        self.lock = threading.Lock()    # request threads record concurrently
+        self.recent = {}
+
+    def locked(self, address):
+        with self.lock:
+            times = [t for t in self.recent.get(address, []) if time.monotonic() - t
+                     < LOCKOUT_WINDOW]
+            self.recent[address] = times
+            return len(times) >= FAILURES_BEFORE_LOCKOUT and \
+                time.monotonic() - times[-1] < LOCKOUT_TIME
+
+    def add(self, address):
+        with self.lock:
+            self.recent.setdefault(address, []).append(time.monotonic())
+
+
+# ----------------------------------------------------------------- service
+
+class AuthHandler(http.server.BaseHTTPRequestHandler):
+    """One auth_http request: headers in, Auth-* headers out."""
+
+    protocol_version = "HTTP/1.1"       # keep-alive, which the proxy uses
+
+    def do_GET(self):
+        answer = self.server.decide(self.headers)
+        self.send_response(200)
+        for name, value in answer.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format, *args):
+        pass                            # requests carry passwords: never log them
+
+
+class AuthService(http.server.ThreadingHTTPServer):
+    """The HTTP server: `decide()` is the whole policy."""
+
+    daemon_threads = True
+
+    def __init__(self, address, users_path):
+        self.users = Users(users_path)
+        self.failures = Failures()
+        super().__init__(address, AuthHandler)
+
+    def decide(self, headers):
+        method = headers.get("Auth-Method", "")
+        protocol = headers.get("Auth-Protocol", "")
+        client = headers.get("Client-IP", "")
+        if self.failures.locked(client):
+            return _refusal(LOCKED, protocol, attempt=None, code="454 4.7.0")
+        if method == "none":
+            return self.route_recipient(headers)
+        login = _unescape(headers.get("Auth-User", ""))
+        user = self.users.get(login.decode("utf-8", "replace"))
+        if user and protocol in user.backends and _verify(user, method, headers):
+            return _admit(user, protocol, needs_password=method != "plain")
+        self.failures.add(client)
+        attempt = headers.get("Auth-Login-Attempt", "1")
+        return _refusal(INVALID, protocol, int(attempt) if attempt.isdigit() else 1)
+
+    def route_recipient(self, headers):
+        """MX mode: `RCPT TO:<joe@example.org>` goes to joe's smtp backend."""
+        rcpt = headers.get("Auth-SMTP-To", "")
+        address = rcpt.partition("<")[2].partition(">")[0] or rcpt.partition(":")[2]
+        user = self.users.get(address.partition("@")[0]) or self.users.get(address)
+        if user is None or "smtp" not in user.backends:
+            return {"Auth-Status": "User unknown", "Auth-Error-Code": "550 5.1.1"}
+        host, port = user.backends["smtp"]
+        return {"Auth-Status": "OK", "Auth-Server": host, "Auth-Port": str(port)}
+
+
+def _verify(user, method, headers):
+    password = _unescape(headers.get("Auth-Pass", ""))
+    salt = headers.get("Auth-Salt", "").encode("latin-1").strip()
+    if method == "plain":
+        return check_password(user, password)
+    if user.clear_text is None:
+        return False                # digests need the clear text: a {PLAIN} entry
+    if method == "cram-md5":
+        return check_cram_md5(user.clear_text, salt, password)
+    if method == "apop":
+        return check_apop(user.clear_text, salt, password)
+    return False                    # external: needs a client certificate (TLS)
+
+
+def _admit(user, protocol, needs_password):
+    host, port = user.backends[protocol]
+    answer = {"Auth-Status": "OK", "Auth-Server": host, "Auth-Port": str(port)}
+    if user.backend_login:
+        answer["Auth-User"] = user.backend_login
+    if needs_password and user.clear_text is not None:
+        answer["Auth-Pass"] = user.clear_text
+    return answer
+
+
+def _refusal(text, protocol, attempt, code=None):
+    answer = {"Auth-Status": text}
+    if attempt is not None and attempt < MAX_ATTEMPTS:
+        answer["Auth-Wait"] = str(min(2 ** (attempt - 1), MAX_WAIT))
+    if protocol == "smtp" and code:
+        answer["Auth-Error-Code"] = code
+    return answer
+
+
+def _unescape(value):
+    """Undo the proxy's %XX escaping of Auth-User/Auth-Pass (bytes out)."""
+    return urllib.parse.unquote_to_bytes(value.encode("latin-1"))
+
+
+def serve(users_path, host="127.0.0.1", port=9000):
+    """Run until interrupted (the `mailproxy auth-service` command)."""
+    service = AuthService((host, port), users_path)
+    try:
+        service.serve_forever()
+    finally:
+        service.server_close()
