@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import requests
 import requests.adapters
+from urllib3.util import SKIP_HEADER
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
 MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
@@ -118,9 +119,19 @@ class AuthClient:
         headers += list(self.extra_headers)
         return headers
 
+    def wire_headers(self, request):
+        """headers_for() as requests must get them: bytes values (so logins
+        pass byte for byte), and urllib3's own Accept-Encoding and
+        User-Agent suppressed so nothing comes before Host."""
+        headers = {name: value.encode("latin-1") for name, value in
+                   self.headers_for(request)[:-len(self.extra_headers) or None]}
+        headers.update((name, value.encode()) for name, value in self.extra_headers)
+        headers.update({"Accept-Encoding": SKIP_HEADER, "User-Agent": SKIP_HEADER})
+        return headers
+
     def ask(self, request):
         try:
-            response = self.http.get(self.url, headers=dict(self.headers_for(request)),
+            response = self.http.get(self.url, headers=self.wire_headers(request),
                                      timeout=(self.timeout, self.timeout), stream=True,
                                      allow_redirects=False)
         except requests.Timeout:
@@ -193,7 +204,7 @@ def _server(text):
 
 
 def _port(text):
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise AuthServiceError(f'auth http server sent invalid server port:"{text}"')
     return int(text)
 

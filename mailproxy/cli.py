@@ -27,9 +27,8 @@ def _say(text):
     click.echo(f"mailproxy: {text}", err=True)
 
 
-def _load(conf, prefix, directives):
+def _load(path, prefix, directives):
     """The Config, or None after printing nginx's [emerg] line."""
-    path = conf if os.path.isabs(conf) or not prefix else os.path.join(prefix, conf)
     try:
         return configmod.load(path, prefix=prefix, extra=directives)
     except configmod.ConfigError as exc:
@@ -63,9 +62,11 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build)
                        err=True)
         if not (test or dump):
             return
-    config = _load(conf, prefix, directives)
+    path = os.path.abspath(conf if os.path.isabs(conf) or not prefix
+                           else os.path.join(prefix, conf))
+    config = _load(path, prefix, directives)
     if test or dump:
-        ctx.exit(_report_test(config, conf if config is None else config.path, dump))
+        ctx.exit(_report_test(config, path, dump))
     if config is None:
         ctx.exit(1)
     if signal_name:

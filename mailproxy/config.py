@@ -123,13 +123,17 @@ def load(path, prefix=None, extra=None):
 
 def _parse_file(path):
     """crossplane's payload for `path`, includes followed; lexing errors raised."""
-    try:
-        payload = crossplane.parse(path, catch_errors=False, check_ctx=False,
-                                   check_args=False, strict=False, comments=False)
-    except crossplane.errors.NgxParserBaseException as exc:
-        raise ConfigError(exc.strerror, Where(exc.filename, exc.lineno)) from None
-    except OSError as exc:
-        raise ConfigError(f'open() "{exc.filename}" failed ({exc.strerror})') from None
+    payload = crossplane.parse(path, catch_errors=False, check_ctx=False, check_args=False,
+                               strict=False, comments=False, onerror=lambda exc: exc)
+    for error in payload["errors"]:     # crossplane records, not raises, the first one
+        exc = error["callback"]
+        if isinstance(exc, crossplane.errors.NgxParserBaseException):
+            raise ConfigError(exc.strerror, Where(exc.filename, exc.lineno))
+        where = Where(error["file"], error["line"]) if error["line"] else None
+        if isinstance(exc, OSError):
+            raise ConfigError(f'open() "{exc.filename}" failed ({exc.errno}: {exc.strerror})',
+                              where)
+        raise ConfigError(error["error"], where)
     return _Files(payload["config"], 0)
 
 
@@ -293,7 +297,8 @@ def _apply_legacy_keepalive(listens, legacy):
 
 def _protocol(level, listens):
     setting = level.settings.get("protocol")
-    protocol = setting.value if setting else d.PROTOCOL_BY_PORT.get(listens[0].port)
+    guesses = (d.PROTOCOL_BY_PORT[e.port] for e in listens if e.port in d.PROTOCOL_BY_PORT)
+    protocol = setting.value if setting else next(guesses, None)
     if protocol is None:
         raise ConfigError("unknown mail protocol for server", level.where)
     if protocol not in d.PROTOCOLS_READY:

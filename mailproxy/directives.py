@@ -68,7 +68,7 @@ def parse_size(text):
 
 
 def parse_number(text):
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise BadValue(f'invalid number "{text}"')
     return int(text)
 
@@ -218,7 +218,7 @@ def split_host_port(text, default_port=None):
         if default_port is None:
             raise BadValue(f'no port in "{text}"')
         return host, default_port
-    number = parse_number(port) if port.isdigit() else None
+    number = int(port) if port.isascii() and port.isdigit() else None
     if number is None or not 0 < number < 65536:
         raise BadValue(f'invalid port in "{text}"')
     return host, number
@@ -234,8 +234,13 @@ def _listen_ports(text):
     else:
         addr, portspec = "*", text
     low, dash, high = portspec.partition("-")
-    _, first = split_host_port(low)
-    last = split_host_port(high)[1] if dash else first
+    try:
+        _, first = split_host_port(low)
+        last = split_host_port(high)[1] if dash else first
+    except BadValue:
+        if ":" not in text and not dash:
+            raise                       # a bare word: there is no port at all
+        raise BadValue(f'invalid port in "{text}"') from None
     if last < first:
         raise BadValue(f'invalid port range in "{text}"')
     return addr, range(first, last + 1)

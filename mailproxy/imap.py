@@ -110,7 +110,10 @@ class ImapSession(Session):
         if not non_sync:
             self.send(CONTINUE_LITERAL)
         value = self.client.read_exact(size)
-        line = self.client.readline(room - size)
+        try:
+            line = self.client.readline(room - size)
+        except TooLong:         # what follows a literal is data, not a tag to echo
+            raise TooLong(tag + b" ") from None
         # After the literal only SP or the line end may follow (nginx 1.29.6).
         return value, _strip_line_end(line), room - size - len(line)
 
@@ -151,6 +154,8 @@ class ImapSession(Session):
             credentials = self.sasl(mechanism, initial, _continuation, self.command_limit())
         except SaslError:
             raise Rejected(self.invalid_reply(command)) from None
+        except TooLong:         # a SASL line is a credential, not a tag to echo
+            raise TooLong(command.tag + b" ") from None
         self.tag = command.tag
         self.authenticate(credentials)
 

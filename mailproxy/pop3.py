@@ -46,7 +46,7 @@ class Pop3Session(Session):
 
     protocol = "pop3"
     INTERNAL_ERROR = INTERNAL_ERROR
-    STATES = {"start": {"USER", "APOP", "AUTH", "CAPA", "NOOP", "QUIT"},
+    STATES = {"start": {"USER", "APOP", "AUTH", "CAPA", "NOOP", "QUIT", "STLS"},
               "user": {"PASS", "CAPA", "NOOP", "QUIT"}}
     prepare = Texts
     user = b""
@@ -106,6 +106,9 @@ class Pop3Session(Session):
         except SaslError:
             raise Rejected(INVALID) from None
         self.authenticate(credentials)
+
+    def do_STLS(self, command):
+        raise Rejected(INVALID)     # known but not enabled: not counted (spec 3.0)
 
     def do_CAPA(self, command):
         self.send(self.service.texts.capa)

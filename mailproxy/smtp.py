@@ -60,7 +60,7 @@ class SmtpSession(Session):
     protocol = "smtp"
     INTERNAL_ERROR = INTERNAL_ERROR
     STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
-                        "VRFY", "EXPN", "HELP"}}
+                        "VRFY", "EXPN", "HELP", "STARTTLS"}}
     prepare = Texts
     needs_backend_password = False      # XCLIENT needs none; AUTH to the backend checks
     helo_verb = b""                     # HELO or EHLO, as the client last said it
@@ -73,7 +73,11 @@ class SmtpSession(Session):
     def greet(self):
         self.host = self.find_host()
         delay = self.config.smtp_greeting_delay
-        if delay and self.client.talked_within(delay):
+        talked = bool(delay) and self.client.talked_within(delay)
+        # `timeout` starts with the greeting, after the lookups and the delay
+        # (spec 3.0, 3.3.2).
+        self.client.set_deadline(self.config.timeout)
+        if talked:
             self.log.info("client was rejected before greeting")
             self.send(PIPELINING_REJECT)
             self.quit = True
@@ -172,6 +176,9 @@ class SmtpSession(Session):
 
     do_EXPN = do_HELP = do_VRFY
 
+    def do_STARTTLS(self, command):
+        raise Rejected(INVALID)     # known but not enabled: not counted (spec 3.0)
+
     # ------------------------------------------- shared-frame hooks
 
     def command_limit(self):
@@ -186,6 +193,12 @@ class SmtpSession(Session):
     def auth_failed_reply(self, reply):
         code = reply.error_code or DEFAULT_ERROR_CODE
         return code.encode("latin-1") + b" " + reply.status.encode("latin-1") + b"\r\n"
+
+    def back_to_start(self):
+        """HELO and MAIL are kept (spec 2.5); the refused RCPT is not, so a
+        later AUTH is an ordinary login, not another `none` attempt."""
+        self.rcpt_to = b""
+        super().back_to_start()
 
     def auth_extra_headers(self):
         headers = [("Client-Host", self.host)]
