@@ -141,3 +141,13 @@ def passwd(users_path, login, plain, password):
     from . import authservice
     authservice.set_password(users_path, login, password, plain=plain)
     _say(f'password for "{login}" written to {users_path}')
+
+
+# -------------------------------------------------------------------- demo
+
+@main.command("demo")
+@click.pass_context
+def demo(ctx):
+    """Run a proxied mail setup on loopback: proxy, auth service, backends."""
+    from . import demo as demomod
+    ctx.exit(demomod.run(echo=lambda text: click.echo(text, err=True)))

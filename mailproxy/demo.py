@@ -1,0 +1,137 @@
+"""`mailproxy demo`: a whole proxied mail setup in one process, on loopback.
+
+Three pieces start, each the real thing except the last:
+1. the proxy itself, from an ordinary nginx-syntax configuration written to
+   a temporary directory (IMAP, POP3 and SMTP listeners);
+2. the reference auth service (authservice.py) with two demo users;
+3. small in-memory IMAP, POP3 and SMTP backends (demo_backends.py): teaching
+   aids, not mail servers, so nothing else needs installing.
+
+Mail sent through the SMTP listener lands in the demo mailbox and can be
+fetched through the IMAP or POP3 listener.  The terminal shows one line per
+session; Ctrl-C stops everything.
+"""
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+
+from . import config as configmod
+from .authservice import AuthService, plain_secret
+from .demo_backends import Mailstore, start_backends
+from .server import Worker
+
+USERS = {"alice": "wonderland", "bob": "builder"}
+PREFERRED_PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587, "auth": 9000}
+SHOWN = ("proxied session done", "client login failed", "client timed out")
+
+CONFIG = """\
+worker_processes 1;
+error_log stderr info;
+events {{ worker_connections 256; }}
+mail {{
+    server_name demo.test;
+    auth_http 127.0.0.1:{auth}/auth;
+    timeout 5m;
+    server {{ listen 127.0.0.1:{imap}; protocol imap;
+             imap_capabilities IMAP4rev1 IDLE LITERAL+ UIDPLUS;
+             imap_auth plain login cram-md5; }}
+    server {{ listen 127.0.0.1:{pop3}; protocol pop3; pop3_auth plain apop cram-md5; }}
+    server {{ listen 127.0.0.1:{smtp}; protocol smtp; smtp_auth plain login cram-md5;
+             smtp_capabilities PIPELINING 8BITMIME "SIZE 10485760"; }}
+}}
+"""
+
+BANNER = """\
+mailproxy demo: a proxy, an auth service and in-memory mail backends on 127.0.0.1
+
+  IMAP  127.0.0.1:{imap:<5}  ->  demo backend 127.0.0.1:{b_imap}
+  POP3  127.0.0.1:{pop3:<5}  ->  demo backend 127.0.0.1:{b_pop3}
+  SMTP  127.0.0.1:{smtp:<5}  ->  demo backend 127.0.0.1:{b_smtp} (XCLIENT)
+  auth service  http://127.0.0.1:{auth}/auth   users: alice/wonderland, bob/builder
+  configuration {conf}
+
+Try, in another terminal:
+  curl 'imap://alice:wonderland@127.0.0.1:{imap}/INBOX;UID=1'
+  curl pop3://alice:wonderland@127.0.0.1:{pop3}/
+  printf 'Subject: hello\\r\\n\\r\\nHi Alice!\\r\\n' | curl smtp://127.0.0.1:{smtp} \\
+      --user bob:builder --mail-from bob@demo.test --mail-rcpt alice@demo.test -T -
+
+Ctrl-C stops everything.
+"""
+
+
+def run(echo=print, install_signals=True, ready=None):
+    """Start everything, serve until a signal, clean up; the exit status.
+    `ready(ports)` is called once listening (tests use it)."""
+    workdir = tempfile.mkdtemp(prefix="mailproxy-demo-")
+    store = Mailstore(users=dict(USERS))
+    store.seed("alice", 2)
+    backends = start_backends(store)
+    auth = None
+    try:
+        auth = _start_auth_service(workdir, backends)
+        ports = {name: _free_or(port) for name, port in PREFERRED_PORTS.items()
+                 if name != "auth"}
+        ports["auth"] = auth.server_address[1]
+        conf = os.path.join(workdir, "mail.conf")
+        with open(conf, "w") as file:
+            file.write(CONFIG.format(**ports))
+        worker = Worker(configmod.load(conf, prefix=workdir))
+        worker.open()
+        _one_line_per_session(worker)
+        if install_signals:
+            worker.install_signals()
+        echo(BANNER.format(conf=conf, b_imap=backends.imap_port, b_pop3=backends.pop3_port,
+                           b_smtp=backends.smtp_port, **ports))
+        if ready:
+            ready(ports, worker)
+        return worker.serve()
+    finally:
+        if auth:
+            auth.shutdown()
+            auth.server_close()
+        backends.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_auth_service(workdir, backends):
+    """The reference auth service, with {PLAIN} users so CRAM-MD5 and APOP
+    work (curl picks CRAM-MD5 when offered)."""
+    path = os.path.join(workdir, "users.conf")
+    with open(path, "w") as file:
+        for login, password in USERS.items():
+            file.write(f"{login} {plain_secret(password)} imap=127.0.0.1:{backends.imap_port} "
+                       f"pop3=127.0.0.1:{backends.pop3_port} "
+                       f"smtp=127.0.0.1:{backends.smtp_port}\n")
+    service = AuthService(("127.0.0.1", _free_or(PREFERRED_PORTS["auth"])), path)
+    threading.Thread(target=service.serve_forever, name="demo auth service",
+                     daemon=True).start()
+    return service
+
+
+def _free_or(port):
+    """`port` if nobody uses it on loopback, else any free port."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _SessionLines(logging.Filter):
+    """Only the line that ends a session (and problems) reach the terminal."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or \
+            str(record.msg).startswith(SHOWN)
+
+
+def _one_line_per_session(worker):
+    for handler in worker.destinations.handlers.values():
+        handler.addFilter(_SessionLines())

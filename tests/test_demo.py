@@ -1,0 +1,100 @@
+"""`mailproxy demo` as a user runs it: a subprocess, real curl and stdlib clients.
+
+The demo prints its listeners; the test waits for them (bounded), fetches
+the seeded mail through the proxy's IMAP and POP3 listeners, sends a message
+through its SMTP listener, finds that message through IMAP, and stops the
+demo with Ctrl-C (SIGINT), which must end it cleanly.
+"""
+
+import imaplib
+import os
+import poplib
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT = 20
+
+
+@pytest.fixture
+def demo():
+    process = subprocess.Popen([sys.executable, "mailproxy.py", "demo"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = []
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        banner.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            break
+    text = "".join(banner)
+    ports = dict(re.findall(r"^  (IMAP|POP3|SMTP)  127\.0\.0\.1:(\d+)", text, re.M))
+    try:
+        assert set(ports) == {"IMAP", "POP3", "SMTP"}, text
+        yield process, {name: int(port) for name, port in ports.items()}, text
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        finally:
+            process.kill()
+
+
+def test_demo_serves_all_three_protocols_end_to_end(demo):
+    process, ports, banner = demo
+    assert "curl 'imap://alice:wonderland@127.0.0.1:" in banner
+    imap = imaplib.IMAP4("127.0.0.1", ports["IMAP"], timeout=10)
+    imap.login("alice", "wonderland")
+    imap.select("INBOX")
+    status, data = imap.fetch("1", "(BODY[])")
+    assert status == "OK" and b"Subject: Demo message 1 of 2" in data[0][1]
+
+    pop = poplib.POP3("127.0.0.1", ports["POP3"], timeout=10)
+    pop.user("alice")
+    pop.pass_("wonderland")
+    assert pop.stat()[0] == 2
+    pop.quit()
+
+    smtp = smtplib.SMTP("127.0.0.1", ports["SMTP"], timeout=10)
+    smtp.login("bob", "builder")
+    smtp.sendmail("bob@demo.test", ["alice@demo.test"],
+                  b"Subject: through the proxy\r\n\r\nHello Alice.\r\n")
+    smtp.quit()
+
+    imap.noop()
+    status, data = imap.search(None, "ALL")
+    assert data[0].split() == [b"1", b"2", b"3"]
+    status, data = imap.fetch("3", "(BODY[])")
+    assert b"Subject: through the proxy" in data[0][1]
+    assert b"Authenticated sender: bob" in data[0][1]
+    imap.logout()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None and not os.environ.get("CI"),
+                    reason="curl is not installed")
+def test_demo_commands_from_the_banner_work(demo):
+    process, ports, banner = demo
+    fetch = subprocess.run(["curl", "-sS", f"imap://alice:wonderland@127.0.0.1:{ports['IMAP']}"
+                            "/INBOX;UID=1"], capture_output=True, timeout=20)
+    assert b"Subject: Demo message 1 of 2" in fetch.stdout, fetch.stderr
+    listing = subprocess.run(["curl", "-sS", f"pop3://alice:wonderland@127.0.0.1:{ports['POP3']}/"],
+                             capture_output=True, timeout=20)
+    assert re.fullmatch(rb"1 \d+\r\n2 \d+\r\n", listing.stdout), listing
+    send = subprocess.run(["curl", "-sS", f"smtp://127.0.0.1:{ports['SMTP']}", "--user",
+                           "bob:builder", "--mail-from", "bob@demo.test", "--mail-rcpt",
+                           "alice@demo.test", "-T", "-"],
+                          input=b"Subject: hello\r\n\r\nHi Alice!\r\n", capture_output=True,
+                          timeout=20)
+    assert send.returncode == 0, send.stderr
+    fetch = subprocess.run(["curl", "-sS", f"imap://alice:wonderland@127.0.0.1:{ports['IMAP']}"
+                            "/INBOX;UID=3"], capture_output=True, timeout=20)
+    assert b"Hi Alice!" in fetch.stdout
