@@ -53,6 +53,7 @@ STOP_TIMEOUT = 10.0       # seconds for the master and its children to exit
 POLL_INTERVAL = 0.02      # seconds between two readiness or exit checks
 CONNECT_TIMEOUT = 1.0     # seconds for one probe connection
 LOG_TAIL_LINES = 40       # lines of a peer's log quoted when it fails to start
+CONFIG_BACKDATE = 5       # seconds a Postfix config file's mtime is set back
 
 # Dovecot: enough processes and per-user connections for concurrency tests
 # (Dovecot's defaults are 100 processes and 10 connections per user and IP).
@@ -114,27 +115,19 @@ def wait_port(host, port, timeout=START_TIMEOUT, greeting=None, alive=None):
     raise TimeoutError(f'{host}:{port} not ready after {timeout}s: {last_error}')
 
 
-class Dovecot:
-    """A private Dovecot serving IMAP and POP3 on two free loopback ports.
+class _Peer:
+    """What both peers share: a working directory, ``with``, requirements.
 
-    Callers use ``start()``/``stop()`` (or ``with``), ``imap_port``,
-    ``pop3_port`` and ``add_message()``.  Users authenticate with PLAIN or
-    LOGIN over plain text; every user's mail lives in ``HOME/Maildir`` owned
-    by uid/gid 65534.  Passing ``workdir=None`` makes the peer create (and
-    on stop remove) its own directory; a given *workdir* must be reachable by
-    uid 65534, which pytest's 0700 ``tmp_path`` is not.
+    Subclasses define ``start()`` and ``stop(remove_workdir=True)``.  With
+    ``workdir=None`` the peer makes its own directory (traversable by the
+    unprivileged users the servers switch to) and removes it on stop.
     """
 
-    def __init__(self, workdir=None, users=None, extra_config=''):
-        self.users = dict(users or {})
-        self.extra_config = extra_config
+    workdir_prefix = 'mailproxy-peer-'
+
+    def __init__(self, workdir):
         self._owns_workdir = workdir is None
-        self.workdir = pathlib.Path(workdir or _make_workdir('mailproxy-dovecot-'))
-        self.imap_port = None
-        self.pop3_port = None
-        self._process = None
-        self._counter = itertools.count(1)
-        self._counter_lock = threading.Lock()   # add_message may run in threads
+        self.workdir = pathlib.Path(workdir or _make_workdir(self.workdir_prefix))
 
     def __enter__(self):
         self.start()
@@ -142,6 +135,43 @@ class Dovecot:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+    def _require(self, *binaries):
+        """Paths of *binaries*; raise `PeerUnavailable` if one is missing or
+        we are not root, after removing our own (still empty) workdir."""
+        try:
+            _require_root(type(self).__name__)
+            return [_require_binary(name) for name in binaries]
+        except PeerUnavailable:
+            self._remove_workdir()
+            raise
+
+    def _remove_workdir(self):
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Dovecot(_Peer):
+    """A private Dovecot serving IMAP and POP3 on two free loopback ports.
+
+    Callers use ``start()``/``stop()`` (or ``with``), ``imap_port``,
+    ``pop3_port`` and ``add_message()``.  Users authenticate with PLAIN or
+    LOGIN over plain text; every user's mail lives in ``HOME/Maildir`` owned
+    by uid/gid 65534, so a given *workdir* must be reachable by that uid
+    (pytest's 0700 ``tmp_path`` is not): prefer ``workdir=None``.
+    """
+
+    workdir_prefix = 'mailproxy-dovecot-'
+
+    def __init__(self, workdir=None, users=None, extra_config=''):
+        super().__init__(workdir)
+        self.users = dict(users or {})
+        self.extra_config = extra_config
+        self.imap_port = None
+        self.pop3_port = None
+        self._process = None
+        self._counter = itertools.count(1)
+        self._counter_lock = threading.Lock()   # add_message may run in threads
 
     @property
     def log_path(self):
@@ -153,11 +183,11 @@ class Dovecot:
 
     def start(self):
         """Write the configuration, run ``dovecot -F`` and wait for greetings."""
-        binary = _require_binary('dovecot')
-        _require_root('Dovecot')
+        binary, = self._require('dovecot')
         self._check_users()
         self.imap_port, self.pop3_port = _distinct_free_ports(2)
         config = self._write_config()
+        _become_subreaper()
         stderr = open(self.workdir / 'dovecot.stderr', 'ab')
         with stderr:
             self._process = subprocess.Popen(
@@ -175,8 +205,8 @@ class Dovecot:
         if self._process is not None:
             _terminate_tree(self._process.pid, self._process)
             self._process = None
-        if remove_workdir and self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if remove_workdir:
+            self._remove_workdir()
 
     def maildir(self, user):
         """The Maildir of *user*, created (owned by 65534) when missing."""
@@ -278,6 +308,14 @@ protocol imap {{
 protocol pop3 {{
   mail_max_userip_connections = {userip}
 }}
+# Dovecot's anvil slows every login from an IP that failed before (2 s,
+# doubling, up to 15 s): tests that log in wrongly would slow all that
+# follow.  A listener with mode 0 is not created, which turns it off.
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
@@ -313,7 +351,7 @@ class Delivery:
         return self.data.partition(b'\r\n\r\n')[2]
 
 
-class Postfix:
+class Postfix(_Peer):
     """A private Postfix smtpd on a free loopback port that trusts XCLIENT.
 
     Callers use ``start()``/``stop()`` (or ``with``), ``port``,
@@ -336,22 +374,16 @@ class Postfix:
     reject_unauth_destination``; *extra_config* (dict) overrides main.cf.
     """
 
+    workdir_prefix = 'mailproxy-postfix-'
+
     def __init__(self, workdir=None, hostname='backend.test', extra_config=None):
+        super().__init__(workdir)
         self.hostname = hostname
         self.extra_config = dict(extra_config or {})
-        self._owns_workdir = workdir is None
-        self.workdir = pathlib.Path(workdir or _make_workdir('mailproxy-postfix-'))
         self.config_dir = self.workdir / 'etc'
         self.delivery_dir = self.workdir / 'delivered'
         self.port = None
         self._master_pid = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
 
     @property
     def maillog_path(self):
@@ -363,11 +395,7 @@ class Postfix:
 
     def start(self):
         """Write the configuration, ``postfix start`` and wait for ``220``."""
-        postfix = _require_binary('postfix')
-        _require_binary('postconf')
-        _require_root('Postfix')
-        if not (SYSTEM_POSTFIX_DIR / 'main.cf').exists():
-            raise PeerUnavailable(f'{SYSTEM_POSTFIX_DIR}/main.cf missing: postfix not installed')
+        postfix, _ = self._require('postfix', 'postconf')
         self.port = free_port()
         self._write_config()
         _register_alternate_config(self.config_dir)
@@ -394,8 +422,8 @@ class Postfix:
             self._master_pid = None
         if self.port is not None:
             _unregister_alternate_config(self.config_dir)
-        if remove_workdir and self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if remove_workdir:
+            self._remove_workdir()
 
     def deliveries(self):
         """Every message delivered so far, oldest first, as `Delivery`."""
@@ -444,10 +472,10 @@ class Postfix:
                         data_directory=data_dir, myhostname=self.hostname,
                         maillog_file=self.maillog_path, maillog_file_prefixes=self.workdir)
         settings.update(self.extra_config)
-        (self.config_dir / 'main.cf').write_text(
-            ''.join(f'{name} = {value}\n' for name, value in settings.items()))
-        (self.config_dir / 'master.cf').write_text(
-            POSTFIX_MASTER_CF.format(port=self.port, script=script))
+        _write_settled(self.config_dir / 'main.cf',
+                       ''.join(f'{name} = {value}\n' for name, value in settings.items()))
+        _write_settled(self.config_dir / 'master.cf',
+                       POSTFIX_MASTER_CF.format(port=self.port, script=script))
 
 
 # main.cf of the private Postfix; paths and the host name are added per instance.
@@ -556,6 +584,22 @@ def _make_workdir(prefix):
     return workdir
 
 
+def _write_settled(path, text):
+    """Write a config file dated a few seconds in the past.
+
+    Postfix re-reads a main.cf whose mtime is within the last second, 300 ms
+    at a time, until it stops changing ("pausing to let it settle"): a fresh
+    file costs ~2.4 s per postfix command.  Backdating skips that wait.
+    """
+    path.write_text(text)
+    _backdate(path)
+
+
+def _backdate(path):
+    past = time.time() - CONFIG_BACKDATE
+    os.utime(path, (past, past))
+
+
 def _read_text(path):
     try:
         return pathlib.Path(path).read_text(errors='replace')
@@ -611,12 +655,13 @@ def _terminate_tree(pid, process=None):
 
 
 def _become_subreaper():
-    """Adopt the processes a daemon forks, so that we can reap them.
+    """Adopt the orphans of the peers' process trees, so that we reap them.
 
-    ``postfix start`` daemonises: its master is re-parented to pid 1 and,
-    when stopped, its children too.  On machines whose pid 1 is not a real
-    init (containers, microVMs) nobody reaps them and they stay as zombies.
-    As a subreaper the test process receives them instead, and `_reap`
+    ``postfix start`` daemonises, so its master is re-parented to pid 1, and
+    stopping a master orphans whichever child outlives it (Dovecot's log
+    process always does).  On machines whose pid 1 is not a real init
+    (containers, microVMs) nobody reaps those and they stay as zombies.  As
+    a subreaper the test process receives them instead, and `_reap`
     collects exactly those pids, never anyone else's child.
     """
     with contextlib.suppress(OSError, AttributeError):
@@ -671,6 +716,7 @@ def _alternate_dirs():
 def _set_alternate_dirs(dirs):
     subprocess.run(['postconf', '-e', f'alternate_config_directories = {" ".join(dirs)}'],
                    check=True, capture_output=True)
+    _backdate(SYSTEM_POSTFIX_DIR / 'main.cf')   # postfix -c reads it too
 
 
 def _register_alternate_config(config_dir):

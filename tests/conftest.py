@@ -1,0 +1,40 @@
+"""Session-wide real peers: one Dovecot and one Postfix for the whole suite.
+
+Starting a real server costs a fraction of a second, so each starts once.
+When one cannot run here, its tests are skipped on a developer's machine but
+fail under CI (``CI=true``), where .ci/run is meant to have installed it.
+"""
+
+import pytest
+
+import peers
+
+# Test accounts on the Dovecot backend; ann's password has spaces on purpose
+# (IMAP must quote it, POP3 sends it as the rest of the PASS line).
+USERS = {'joe': 'secret', 'ann': 'pa ss word'}
+
+
+def _started(peer):
+    try:
+        peer.start()
+    except peers.PeerUnavailable as exc:
+        if peers.in_ci():
+            pytest.fail(f'{type(peer).__name__} unavailable under CI: {exc}', pytrace=False)
+        pytest.skip(f'{type(peer).__name__} unavailable: {exc}')
+    return peer
+
+
+@pytest.fixture(scope='session')
+def dovecot():
+    """A running `peers.Dovecot` with the users in USERS."""
+    peer = _started(peers.Dovecot(None, users=USERS))
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope='session')
+def postfix():
+    """A running `peers.Postfix` (backend.test) that accepts XCLIENT."""
+    peer = _started(peers.Postfix())
+    yield peer
+    peer.stop()
