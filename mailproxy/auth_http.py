@@ -15,10 +15,14 @@ protocol's internal-error line.
 
 import ipaddress
 import re
+import socket
+import threading
 from dataclasses import dataclass, replace
 
 import requests
 import requests.adapters
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util import SKIP_HEADER
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
@@ -101,7 +105,8 @@ class AuthClient:
         self.http = requests.Session()
         self.http.trust_env = False     # no proxies or netrc from the environment
         self.http.headers.clear()
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=POOL_SIZE, max_retries=0)
+        self.in_flight = {}     # thread id -> connection; one key per thread
+        adapter = _Adapter(self.in_flight, pool_maxsize=POOL_SIZE, max_retries=0)
         self.http.mount("http://", adapter)
 
     def headers_for(self, request):
@@ -144,8 +149,47 @@ class AuthClient:
         finally:
             _finish(response)
 
+    def abort(self, thread_id):
+        """Cut the request `thread_id` has in flight (fast stop)."""
+        connection = self.in_flight.get(thread_id)
+        if connection is not None and connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self):
         self.http.close()
+
+
+class _AbortableConnection(HTTPConnection):
+    """While a request is in flight it is listed under the asking thread's
+    id, so a fast stop can cut it instead of waiting `auth_http_timeout`."""
+    in_flight = None            # per AuthClient, set by _Adapter
+
+    def request(self, *args, **kwargs):
+        self.in_flight[threading.get_ident()] = self
+        return super().request(*args, **kwargs)
+
+    def getresponse(self, *args, **kwargs):
+        try:
+            return super().getresponse(*args, **kwargs)
+        finally:
+            self.in_flight.pop(threading.get_ident(), None)
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with pools of _AbortableConnection."""
+
+    def __init__(self, in_flight, **kwargs):
+        self.in_flight = in_flight          # before super(): it builds the pools
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        connection = type("Connection", (_AbortableConnection,), {"in_flight": self.in_flight})
+        pool = type("Pool", (HTTPConnectionPool,), {"ConnectionCls": connection})
+        self.poolmanager.pool_classes_by_scheme = {"http": pool}
 
 
 def _raw_headers(response):

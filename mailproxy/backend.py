@@ -93,7 +93,11 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None):
     untagged = b""
     if line.startswith(b"* "):
         untagged, line = line, read_reply(stream, limit)
-    expect(line, tag + b" OK")
+    try:
+        expect(line, tag + b" OK")
+    except BackendError as exc:     # the client may see the whole reply (spec 4.5)
+        exc.reply = untagged + line
+        raise
     return untagged + line
 
 

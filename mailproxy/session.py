@@ -23,6 +23,7 @@ about with the internal-error line.
 import itertools
 import socket
 import socketserver
+import threading
 import time
 
 from . import backend as backend_mod
@@ -99,6 +100,7 @@ class Session(socketserver.BaseRequestHandler):
         self.client_text = self.client_address[0] if self.client_address else "unix:"
         self.log = SessionLog(self.service.logger, self)
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.thread_id = threading.get_ident()
         self.server.track(self)
 
     def finish(self):
@@ -176,6 +178,7 @@ class Session(socketserver.BaseRequestHandler):
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+        self.service.auth.abort(self.thread_id)
 
     # ----------------------------------------------------- for the logs
 

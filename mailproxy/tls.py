@@ -19,9 +19,14 @@ recv, recv_into, sendall, settimeout, fileno, shutdown, close, plus
 `pending()` for decrypted bytes that poll() cannot see.
 """
 
+import hashlib
 import socket
 import ssl
 import threading
+
+from cryptography import x509
+
+from .auth_http import escape
 
 CHUNK = 65536           # raw bytes per recv: up to four full TLS records
 
@@ -164,3 +169,133 @@ class TlsChannel:
 
     def peer_certificate(self, binary=True):
         return self.tls.getpeercert(binary_form=binary)
+
+
+# ---------------------------------------------------------------- contexts
+
+VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+            "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TlsSetupError(Exception):
+    """A TLS setting cannot be applied; `directive` names the culprit."""
+
+    def __init__(self, directive, message):
+        super().__init__(message)
+        self.directive = directive
+
+
+def server_context(config):
+    """The listener-side SSLContext of one server{} (spec 1.9, 5)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _versions(context, config.ssl_protocols, "ssl_protocols")
+    _ciphers(context, config.ssl_ciphers, "ssl_ciphers")
+    passwords = _passwords(config.ssl_password_file)
+    for cert, key in zip(config.ssl_certificate, config.ssl_certificate_key):
+        _load_chain(context, cert, key, passwords)
+    if config.ssl_prefer_server_ciphers:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if not config.ssl_session_tickets:
+        context.options |= ssl.OP_NO_TICKET
+    if config.ssl_dhparam:
+        _apply("ssl_dhparam", context.load_dh_params, config.ssl_dhparam)
+    if config.ssl_ecdh_curve != "auto":
+        _apply("ssl_ecdh_curve", context.set_ecdh_curve, config.ssl_ecdh_curve)
+    context.set_alpn_protocols([config.protocol])
+    _client_verification(context, config)
+    return context
+
+
+def _client_verification(context, config):
+    """ssl_verify_client: the handshake asks for a certificate; the session
+    refuses afterwards if `on` and none came (spec 5.3)."""
+    if config.ssl_verify_client == "off":
+        return
+    for directive in ("ssl_client_certificate", "ssl_trusted_certificate"):
+        path = getattr(config, directive)
+        if path:
+            _apply(directive, context.load_verify_locations, path)
+    if config.ssl_crl:
+        _apply("ssl_crl", context.load_verify_locations, config.ssl_crl)
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.verify_mode = ssl.CERT_OPTIONAL
+
+
+def _versions(context, names, directive):
+    unknown = [name for name in names if name not in VERSIONS]
+    if unknown:
+        raise TlsSetupError(directive, f'"{unknown[0]}" is not supported by this OpenSSL')
+    chosen = sorted(VERSIONS[name] for name in names)
+    try:
+        context.minimum_version, context.maximum_version = chosen[0], chosen[-1]
+    except (ValueError, ssl.SSLError) as exc:
+        raise TlsSetupError(directive, str(exc)) from None
+
+
+def _ciphers(context, ciphers, directive):
+    _apply(directive, context.set_ciphers, ciphers)
+
+
+def _passwords(path):
+    """ssl_password_file: one passphrase per line, tried in turn."""
+    if not path:
+        return [None]
+    try:
+        with open(path, encoding="utf-8") as file:
+            return [line.rstrip("\r\n") for line in file if line.rstrip("\r\n")] or [None]
+    except OSError as exc:
+        raise TlsSetupError("ssl_password_file", f'open() "{path}" failed ({exc.strerror})') \
+            from None
+
+
+def _load_chain(context, cert, key, passwords):
+    for password in passwords:
+        try:
+            context.load_cert_chain(cert, key, password=password)
+            return
+        except ssl.SSLError as exc:
+            error = exc
+        except OSError as exc:
+            raise TlsSetupError("ssl_certificate", f'cannot load certificate "{cert}" or key '
+                                f'"{key}": {exc.strerror}') from None
+    raise TlsSetupError("ssl_certificate_key", f'cannot load certificate "{cert}" with key '
+                        f'"{key}": {error.reason or error}')
+
+
+def _apply(directive, method, *args):
+    try:
+        method(*args)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise TlsSetupError(directive, f'"{args[0]}": {reason}') from None
+
+
+# ----------------------------------------------------- certificate details
+
+def certificate_headers(channel, verify_mode, pass_cert):
+    """The Auth-SSL-* request headers for a TLS client (spec 2.2)."""
+    headers = [("Auth-SSL", "on")]
+    if channel.version:
+        headers.append(("Auth-SSL-Protocol", channel.version))
+    if channel.cipher:
+        headers.append(("Auth-SSL-Cipher", channel.cipher))
+    if verify_mode == "off":
+        return headers
+    der = channel.peer_certificate()
+    headers.append(("Auth-SSL-Verify", "SUCCESS" if der else "NONE"))
+    if der:
+        headers += describe_certificate(der, pass_cert)
+    return headers
+
+
+def describe_certificate(der, pass_cert=False):
+    """Subject, Issuer (RFC 2253/4514), Serial (hex), Fingerprint (SHA-1),
+    and with auth_http_pass_client_cert the PEM (escaped by auth_http)."""
+    cert = x509.load_der_x509_certificate(der)
+    headers = [("Auth-SSL-Subject", cert.subject.rfc4514_string()),
+               ("Auth-SSL-Issuer", cert.issuer.rfc4514_string()),
+               ("Auth-SSL-Serial", format(cert.serial_number, "X")),
+               ("Auth-SSL-Fingerprint", hashlib.sha1(der).hexdigest())]
+    if pass_cert:
+        headers.append(("Auth-SSL-Cert", escape(ssl.DER_cert_to_PEM_cert(der).encode())))
+    return headers

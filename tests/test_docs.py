@@ -1,0 +1,124 @@
+"""The docs and examples agree with the code.
+
+docs/directives.md has one "### `name`" section per directive of
+directives.TABLE and REMOVED, and no other; every mailproxy configuration in
+examples/ loads; the users file example parses; every module docs/tour.md
+names exists; and the README opens with exactly its two commands.
+"""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mailproxy import authservice, config, directives
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = ROOT / "examples"
+# .conf files in examples/ that are not mailproxy configurations.
+OTHER_CONFS = {"users.conf", "logrotate.conf"}
+DIRECTIVE_HEADING = re.compile(r"^### `([a-z0-9_]+)`\s*$", re.MULTILINE)
+MODULE_NAME = re.compile(r"\b((?:mailproxy/)?[a-z_][a-z0-9_]*\.py)\b")
+FENCE = re.compile(r"^```[a-z]*\n(.*?)\n```\n", re.DOTALL | re.MULTILINE)
+
+
+def documented_directives():
+    return DIRECTIVE_HEADING.findall((DOCS / "directives.md").read_text())
+
+
+def test_every_directive_is_documented():
+    documented = set(documented_directives())
+    known = set(directives.TABLE) | set(directives.REMOVED)
+    assert sorted(known - documented) == [], "directives without a section in docs/directives.md"
+
+
+def test_every_documented_directive_is_known():
+    known = set(directives.TABLE) | set(directives.REMOVED)
+    assert sorted(set(documented_directives()) - known) == [], \
+        "docs/directives.md documents names the directive table does not know"
+
+
+def test_each_directive_is_documented_once():
+    names = documented_directives()
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
+
+
+def example_configs():
+    return sorted(path for path in EXAMPLES.glob("*.conf") if path.name not in OTHER_CONFS)
+
+
+def test_there_are_example_configs():
+    assert {path.name for path in example_configs()} >= {"mail.conf", "small-site.conf"}
+
+
+@pytest.mark.parametrize("path", example_configs(), ids=lambda path: path.name)
+def test_example_config_loads(path, tmp_path):
+    """Loaded from a copy, so relative paths land in tmp_path; config.load
+    opens no log, pid or certificate file, so none needs to exist."""
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    loaded = config.load(str(copy), prefix=str(tmp_path))
+    assert loaded.servers
+    for server in loaded.servers:
+        assert server.listens and server.protocol in directives.PROTOCOLS
+
+
+def test_example_users_file_parses():
+    users = authservice.parse_users(EXAMPLES / "users.conf")
+    assert users
+    for user in users.values():
+        assert user.secret.startswith(("{SCRYPT}", "{PLAIN}", "{PLAIN-B64}"))
+        assert user.backends
+
+
+def test_example_users_file_passwords_are_the_documented_ones():
+    users = authservice.parse_users(EXAMPLES / "users.conf")
+    assert all(authservice.check_password(user, b"change-me") for user in users.values())
+
+
+def test_modules_named_in_the_tour_exist():
+    names = set(MODULE_NAME.findall((DOCS / "tour.md").read_text()))
+    assert names, "docs/tour.md names no module"
+    missing = []
+    for name in names:
+        name = name.removeprefix("mailproxy/")
+        path = ROOT / name if name == "mailproxy.py" else ROOT / "mailproxy" / name
+        if not path.is_file():
+            missing.append(name)
+    assert sorted(missing) == []
+
+
+def test_tour_has_a_section_per_main_module():
+    """The data-flow modules each have a section (a "## `name.py`" heading)."""
+    headings = (DOCS / "tour.md").read_text()
+    for module in ("cli", "config", "server", "session", "imap", "pop3", "smtp", "sasl",
+                   "auth_http", "backend", "relay"):
+        assert re.search(rf"^## .*`{module}\.py`", headings, re.MULTILINE), module
+
+
+def test_readme_opens_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    title, _, rest = text.partition("\n")
+    assert title.startswith("# ")
+    rest = rest.lstrip("\n")
+    first = FENCE.match(rest)
+    assert first, "README must continue with a fenced command"
+    rest = rest[first.end():].lstrip("\n")
+    second = FENCE.match(rest)
+    assert second, "README's second block must be a fenced command"
+    install, test = first.group(1), second.group(1)
+    assert "\n" not in install and "\n" not in test, "each block is one command line"
+    assert install.startswith("pip install") and "mailproxy demo" in install
+    assert test.startswith("pip install") and "pytest" in test
+
+
+def test_docs_link_to_files_that_exist():
+    link = re.compile(r"\]\(([^)#:]+)(?:#[^)]*)?\)")
+    broken = []
+    for page in list(DOCS.glob("*.md")) + list(EXAMPLES.glob("*.md")):
+        for target in link.findall(page.read_text()):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
