@@ -13,6 +13,7 @@ address) raises AuthServiceError, which the session turns into the
 protocol's internal-error line.
 """
 
+import http.client
 import ipaddress
 import re
 import socket
@@ -98,8 +99,8 @@ class AuthClient:
 
     def __init__(self, url, timeout, headers=()):
         host, port, uri = url
-        self.url = f"http://{host}:{port}{uri}"
-        self.host = host            # nginx sends Host without the port
+        self.host = f"[{host}]" if ":" in host else host   # nginx sends Host without the port
+        self.url = f"http://{self.host}:{port}{uri}"
         self.timeout = timeout
         self.extra_headers = tuple(headers)
         self.http = requests.Session()
@@ -265,12 +266,17 @@ def _atoi(text):
 
 
 def _reason(exc):
-    """The root cause of a requests error ("Connection refused"), for the log."""
+    """The root cause of a requests error ("111: Connection refused", "sent
+    invalid response (BadStatusLine)"), for the log."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
+    while isinstance(exc, BaseException) and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.strerror:
             return f"{exc.errno}: {exc.strerror}"
-        inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
-        exc = getattr(exc, "reason", None) or inner or exc.__cause__ or exc.__context__
+        if isinstance(exc, http.client.HTTPException):
+            return f"sent invalid response ({type(exc).__name__})"
+        inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else \
+            inner or exc.__cause__ or exc.__context__
     return "connection failed"

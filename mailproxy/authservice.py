@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import http.server
 import os
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -150,8 +151,10 @@ def set_password(path, login, password, plain=False):
             break
     else:
         lines.append(f"{login} {secret}")
-    with open(path, "w", encoding="utf-8") as file:
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write("\n".join(lines) + "\n")
+    os.replace(temporary, path)     # a reload never sees a half-written file
 
 
 class Users:

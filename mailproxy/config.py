@@ -360,13 +360,14 @@ def dump(config):
 
 
 def _occurrences(setting):
-    if setting.value is None:
-        return []
+    """The argument lists to print for one setting (several for a list)."""
     if setting.args and isinstance(setting.args[0], tuple):
         return list(setting.args)
-    if setting.args == () and not isinstance(setting.value, tuple):
-        return [(str(setting.value),)]     # a computed default: server_name
-    return [setting.args] if setting.args else []
+    if setting.args:
+        return [setting.args]
+    if setting.value is None or isinstance(setting.value, tuple):
+        return []                           # not set, no default
+    return [(str(setting.value),)]          # a computed default: server_name
 
 
 def _render(args):

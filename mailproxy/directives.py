@@ -121,6 +121,9 @@ def worker_processes(args):
 
 
 def error_log(args):
+    if args[0].startswith("syslog:"):
+        raise BadValue("syslog destinations are not implemented yet "
+                       "(they arrive with a later release)")
     level = args[1] if len(args) > 1 else "error"
     if level not in LEVELS:
         raise BadValue(f'invalid value "{level}"')

@@ -47,7 +47,8 @@ class ImapSession(Session):
 
     protocol = "imap"
     INTERNAL_ERROR = INTERNAL_ERROR
-    STATES = {"start": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "LOGIN", "AUTHENTICATE"}}
+    STATES = {"start": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "LOGIN", "AUTHENTICATE",
+                        "STARTTLS"}}
     prepare = Texts
     tag = b"*"
 
@@ -132,6 +133,11 @@ class ImapSession(Session):
     def do_ID(self, command):
         """Beyond nginx: clients such as OfflineIMAP send ID before login."""
         self.send(ID_REPLY + _tagged(command.tag, OK))
+
+    def do_STARTTLS(self, command):
+        """Known to the parser, so refused without counting (spec 3.0)
+        while TLS is not available."""
+        raise Rejected(self.invalid_reply(command))
 
     def do_LOGIN(self, command):
         if len(command.args) != 2 or not command.args[0]:

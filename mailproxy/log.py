@@ -101,11 +101,11 @@ def setup(config):
     """Attach the config's `error_log` destinations; return (Destinations,
     the program logger, one logger per server in config order)."""
     destinations = Destinations(config.resolve)
-    main = logging.getLogger("mailproxy")
-    destinations.attach(main, config.error_logs)
+    main = logging.Logger("mailproxy")      # not in logging's registry: each running
+    destinations.attach(main, config.error_logs)     # proxy (tests run several) has its own
     servers = []
     for number, server in enumerate(config.servers):
-        logger = logging.getLogger(f"mailproxy.server.{number}")
+        logger = logging.Logger(f"mailproxy.server.{number}")
         destinations.attach(logger, server.error_log)
         servers.append(logger)
     return destinations, main, servers

@@ -188,6 +188,9 @@ class Worker:
         signal.signal(signal.SIGTERM, lambda *_: self.stop("stop"))
         signal.signal(signal.SIGINT, lambda *_: self.stop("stop"))
         signal.signal(signal.SIGUSR1, lambda *_: self.destinations.reopen())
+        signal.signal(signal.SIGHUP, lambda *_: self.log.warning(
+            "reload is not implemented yet (it arrives with worker processes), "
+            "SIGHUP ignored"))
 
     def stop(self, how):
         self.how = how

@@ -240,14 +240,19 @@ class Session(socketserver.BaseRequestHandler):
         return ()
 
     def ask_auth_service(self, credentials):
+        """The auth service's answer, asking again (same attempt number)
+        while it says WAIT, at most MAX_WAIT_RETRIES times."""
         request = self.auth_request(credentials)
-        for _ in range(MAX_WAIT_RETRIES + 1):
-            reply = self.service.auth.ask(request)
+        reply = self.service.auth.ask(request)
+        for _ in range(MAX_WAIT_RETRIES):
             if not reply.retry:
                 return reply
             self.log.info("auth http server asked to wait %ss", reply.wait)
             self.client.wait(reply.wait, self.command_limit())
-        raise AuthServiceError(f"auth http server answered WAIT {MAX_WAIT_RETRIES + 1} times")
+            reply = self.service.auth.ask(request)
+        if reply.retry:
+            raise AuthServiceError(f"auth http server answered WAIT {MAX_WAIT_RETRIES + 1} times")
+        return reply
 
     def refused(self, reply):
         self.log.info('client login failed: "%s"', reply.status)
