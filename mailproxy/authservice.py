@@ -25,7 +25,9 @@ import base64
 import hashlib
 import hmac
 import http.server
+import ipaddress
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -39,6 +41,7 @@ FAILURES_BEFORE_LOCKOUT = 10    # per client address, within LOCKOUT_WINDOW
 LOCKOUT_WINDOW = 600            # seconds
 LOCKOUT_TIME = 300              # seconds
 RELOAD_CHECK = 1.0              # seconds between users-file mtime checks
+SCHEMES = ("{SCRYPT}", "{PLAIN}", "{PLAIN-B64}")
 INVALID = "Invalid login or password"
 LOCKED = "Too many failures, try again later"
 
@@ -60,7 +63,7 @@ class User:
         if self.secret.startswith("{PLAIN}"):
             return self.secret[len("{PLAIN}"):]
         if self.secret.startswith("{PLAIN-B64}"):
-            return base64.b64decode(self.secret[len("{PLAIN-B64}"):]).decode()
+            return base64.b64decode(self.secret[len("{PLAIN-B64}"):], validate=True).decode()
         return None
 
 
@@ -114,57 +117,95 @@ def check_apop(clear_text, salt, digest):
 # -------------------------------------------------------------- users file
 
 def parse_users(path):
+    """{login: User}; a line that does not parse raises UsersFileError."""
     users = {}
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, 1):
             words = line.split("#", 1)[0].split()
             if not words:
                 continue
-            if len(words) < 2:
-                raise UsersFileError(f"{path}:{number}: expected 'login password [backends]'")
-            user = User(words[0], words[1])
-            for word in words[2:]:
-                key, eq, value = word.partition("=")
-                if not eq:
-                    raise UsersFileError(f"{path}:{number}: expected key=value, got {word!r}")
-                if key == "auth-user":
-                    user.backend_login = value
-                elif key in ("imap", "pop3", "smtp"):
-                    host, _, port = value.rpartition(":")
-                    if not port.isdigit():
-                        raise UsersFileError(f"{path}:{number}: bad backend {value!r}")
-                    user.backends[key] = (host.strip("[]"), int(port))
-                else:
-                    raise UsersFileError(f"{path}:{number}: unknown key {key!r}")
+            try:
+                user = _parse_user(words)
+            except ValueError as exc:
+                raise UsersFileError(f"{path}:{number}: {exc}") from None
             users[user.login] = user
     return users
 
 
+def _parse_user(words):
+    if len(words) < 2:
+        raise ValueError("expected 'login password [backends]'")
+    user = User(words[0], words[1])
+    _check_secret(user)
+    for word in words[2:]:
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise ValueError(f"expected key=value, got {word!r}")
+        if key == "auth-user":
+            user.backend_login = value
+        elif key in ("imap", "pop3", "smtp"):
+            user.backends[key] = _backend(value)
+        else:
+            raise ValueError(f"unknown key {key!r}")
+    return user
+
+
+def _check_secret(user):
+    """Refuse now what would fail every login later (never quoting it)."""
+    if not user.secret.startswith(SCHEMES):
+        raise ValueError("unknown password scheme (expected {SCRYPT}, {PLAIN} or {PLAIN-B64})")
+    try:
+        text = user.clear_text
+    except ValueError:                  # binascii.Error, UnicodeDecodeError
+        raise ValueError("bad {PLAIN-B64} password: not base64 of UTF-8 text") from None
+    if text is not None and not text.isprintable():
+        raise ValueError("the password holds control characters, which Auth-Pass cannot carry")
+
+
+def _backend(value):
+    """`IP:PORT` (`[IPv6]:PORT` too): the proxy takes no host names."""
+    host, _, port = value.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(f"bad backend {value!r}: expected IP:PORT") from None
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"bad backend {value!r}: expected IP:PORT")
+    return str(address), int(port)
+
+
 def set_password(path, login, password, plain=False):
-    """Add `login` or replace its password, keeping every other line."""
+    """Add `login` or replace its password, keeping every other line (and
+    the file's mode: the service may read it under another user)."""
+    if not login or any(ch.isspace() or ch == "#" for ch in login):
+        raise ValueError(f"a login cannot be empty or hold white space or '#': {login!r}")
     secret = plain_secret(password) if plain else hash_password(password)
-    lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
-    for index, line in enumerate(lines):
-        words = line.split()
+    lines, mode = [], 0o600
+    if os.path.exists(path):
+        lines = open(path, encoding="utf-8").read().splitlines()
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    for index in reversed(range(len(lines))):   # the last line of a login counts
+        words = lines[index].split()
         if words and words[0] == login:
             lines[index] = " ".join([login, secret] + words[2:])
             break
     else:
         lines.append(f"{login} {secret}")
     fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.fchmod(fd, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write("\n".join(lines) + "\n")
     os.replace(temporary, path)     # a reload never sees a half-written file
 
 
 class Users:
-    """The users file, re-read when its mtime changes (checked at most
-    once a second).  Request threads share it; the lock guards the swap."""
+    """The users file, re-read when it changes (checked at most once a
+    second).  Request threads share it; the lock guards the swap."""
 
     def __init__(self, path):
         self.path = path
         self.lock = threading.Lock()
-        self.mtime = os.stat(path).st_mtime
+        self.signature = _signature(path)
         self.users = parse_users(path)
         self.checked = time.monotonic()
 
@@ -179,13 +220,20 @@ class Users:
             return
         self.checked = now
         try:
-            mtime = os.stat(self.path).st_mtime
-            if mtime != self.mtime:
+            signature = _signature(self.path)
+            if signature != self.signature:
                 users = parse_users(self.path)
                 with self.lock:
-                    self.users, self.mtime = users, mtime
+                    self.users, self.signature = users, signature
         except (OSError, UsersFileError):
             pass                    # keep serving the last good file
+
+
+def _signature(path):
+    """What changes when the file does.  The mtime alone can miss an edit
+    made in the same clock tick; set_password's rename changes the inode."""
+    info = os.stat(path)
+    return info.st_mtime_ns, info.st_size, info.st_ino
 
 
 class Failures:
@@ -199,6 +247,9 @@ class Failures:
         with self.lock:
             times = [t for t in self.recent.get(address, []) if time.monotonic() - t
                      < LOCKOUT_WINDOW]
+            if not times:
+                self.recent.pop(address, None)      # keep no entry per address ever seen
+                return False
             self.recent[address] = times
             return len(times) >= FAILURES_BEFORE_LOCKOUT and \
                 time.monotonic() - times[-1] < LOCKOUT_TIME
@@ -250,8 +301,7 @@ class AuthService(http.server.ThreadingHTTPServer):
         if user and protocol in user.backends and _verify(user, method, headers):
             return _admit(user, protocol, needs_password=method != "plain")
         self.failures.add(client)
-        attempt = headers.get("Auth-Login-Attempt", "1")
-        return _refusal(INVALID, protocol, int(attempt) if attempt.isdigit() else 1)
+        return _refusal(INVALID, protocol, _attempt(headers))
 
     def route_recipient(self, headers):
         """MX mode: `RCPT TO:<joe@example.org>` goes to joe's smtp backend."""
@@ -282,9 +332,9 @@ def _admit(user, protocol, needs_password):
     host, port = user.backends[protocol]
     answer = {"Auth-Status": "OK", "Auth-Server": host, "Auth-Port": str(port)}
     if user.backend_login:
-        answer["Auth-User"] = user.backend_login
+        answer["Auth-User"] = _wire(user.backend_login)
     if needs_password and user.clear_text is not None:
-        answer["Auth-Pass"] = user.clear_text
+        answer["Auth-Pass"] = _wire(user.clear_text)
     return answer
 
 
@@ -295,6 +345,18 @@ def _refusal(text, protocol, attempt, code=None):
     if protocol == "smtp" and code:
         answer["Auth-Error-Code"] = code
     return answer
+
+
+def _attempt(headers):
+    """Auth-Login-Attempt, counted from 1 as the proxy does."""
+    text = headers.get("Auth-Login-Attempt", "")
+    return max(int(text), 1) if text.isascii() and text.isdigit() else 1
+
+
+def _wire(text):
+    """The proxy uses Auth-User/Auth-Pass raw, and http.server writes
+    header values as latin-1: hand it the UTF-8 bytes one to one."""
+    return text.encode().decode("latin-1")
 
 
 def _unescape(value):

@@ -15,6 +15,7 @@ protocol's internal-error line.
 
 import base64
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -30,8 +31,9 @@ class BackendError(Exception):
         self.reply = reply
 
 
-def connect(server, port, timeout):
-    """A Stream to the backend whose deadline covers connect + login."""
+def connect(server, port, timeout, tls=None):
+    """A Stream to the backend whose deadline covers connect + login;
+    with `proxy_ssl` (tls.implicit) the TLS handshake too."""
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((server, port), timeout=timeout)
@@ -42,7 +44,30 @@ def connect(server, port, timeout):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stream = Stream(sock)
     stream.deadline = deadline
+    if tls and tls.implicit:
+        start_tls(stream, tls, server)
     return stream
+
+
+def start_tls(stream, tls, address):
+    """TLS to the backend (beyond nginx); a failed verification or pin is
+    an error that says exactly why."""
+    channel = tls.channel(stream.sock, address)
+    try:
+        stream.start_tls(channel)
+    except ssl.SSLCertVerificationError as exc:
+        raise BackendError(f"upstream SSL certificate verify error: ({exc.verify_message})") \
+            from None
+    except ssl.SSLError as exc:
+        raise BackendError(f"upstream SSL handshake failed ({exc.reason or exc})") from None
+    except TimeoutError:
+        raise BackendError("upstream timed out (SSL handshake)") from None
+    except (ConnectionError, Closed):
+        raise BackendError("upstream closed the connection during the SSL handshake") \
+            from None
+    problem = tls.check_pin(channel)
+    if problem:
+        raise BackendError(problem)
 
 
 def read_reply(stream, limit):
@@ -73,13 +98,19 @@ def expect(line, prefix):
 
 # ------------------------------------------------------------------- IMAP
 
-def imap_login(stream, tag, login, password, limit, step=lambda text: None):
+def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None):
     """LOGIN with both values as synchronizing literals, reusing the
     client's tag (spec 4.2); returns the lines to forward to the client:
     the tagged OK, and the one untagged line nginx 1.27.3+ allows before it
-    (e.g. a CAPABILITY from SmarterMail or Gmail)."""
+    (e.g. a CAPABILITY from SmarterMail or Gmail).  `starttls` (beyond
+    nginx, proxy_starttls) upgrades the connection first (RFC 3501 6.2.1)."""
     step("reading response from upstream")
     expect(read_reply(stream, limit), b"* OK")
+    if starttls:
+        step("sending starttls to upstream")
+        send(stream, tag + b" STARTTLS\r\n")
+        expect(read_tagged(stream, tag, limit), tag + b" OK")
+        starttls()
     step("sending login command to upstream")
     send(stream, b"%s LOGIN {%d}\r\n" % (tag, len(login)))
     expect(read_reply(stream, limit), b"+")
@@ -101,13 +132,29 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None):
     return untagged + line
 
 
+def read_tagged(stream, tag, limit, untagged=3):
+    """The tagged reply, skipping a few untagged lines before it."""
+    line = read_reply(stream, limit)
+    for _ in range(untagged):
+        if not line.startswith(b"* "):
+            break
+        line = read_reply(stream, limit)
+    return line
+
+
 # ------------------------------------------------------------------- POP3
 
-def pop3_login(stream, login, password, limit, step=lambda text: None):
+def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=None):
     """USER then PASS, whatever the client used (spec 4.3); returns the
-    backend's final +OK line for the client."""
+    backend's final +OK line for the client.  `starttls`: STLS first
+    (RFC 2595 4, beyond nginx)."""
     step("reading response from upstream")
     expect(read_reply(stream, limit), b"+OK")
+    if starttls:
+        step("sending stls to upstream")
+        send(stream, b"STLS\r\n")
+        expect(read_reply(stream, limit), b"+OK")
+        starttls()
     step("sending user name to upstream")
     send(stream, b"USER " + login + b"\r\n")
     expect(read_reply(stream, limit), b"+OK")
@@ -154,18 +201,25 @@ def expect_code(reply, *codes):
     return reply
 
 
-def smtp_login(stream, plan, limit, step=lambda text: None):
+def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
     """Greeting, EHLO/HELO, XCLIENT, the client's own HELO, AUTH, and in MX
     mode MAIL/RCPT; returns the last reply (the client sees the RCPT reply
-    in MX mode, `235 2.0.0 OK` otherwise)."""
+    in MX mode, `235 2.0.0 OK` otherwise).  `starttls` (beyond nginx):
+    EHLO, STARTTLS, and EHLO again over TLS (RFC 3207 4.2) first."""
     def command(line, *codes):
         send(stream, line + b"\r\n")
         return expect_code(read_smtp_reply(stream, limit), *codes)
 
     step("reading response from upstream")
     expect_code(read_smtp_reply(stream, limit), b"220")
+    hello = (b"EHLO " if plan.ehlo or starttls else b"HELO ") + plan.server_name
+    if starttls:
+        step("sending starttls to upstream")
+        command(hello, b"250")
+        command(b"STARTTLS", b"220")
+        starttls()
     step("sending helo to upstream")
-    reply = command((b"EHLO " if plan.ehlo else b"HELO ") + plan.server_name, b"250")
+    reply = command(hello, b"250")
     if plan.xclient:
         step("sending xclient to upstream")
         reply = command(xclient_line(plan), b"220", b"250")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import crossplane
 
 from . import directives as d
+from . import tls
 
 
 class ConfigError(Exception):
@@ -284,7 +285,40 @@ def _server(level, mail, main):
         raise ConfigError('no "auth_http" is defined for server', level.where)
     listens = _apply_legacy_keepalive(listens.value, settings["so_keepalive"])
     protocol = _protocol(level, listens)
-    return ServerConfig(settings, listens, protocol, level.where)
+    server = ServerConfig(settings, listens, protocol, level.where)
+    _check_tls(server)
+    return server
+
+
+def _check_tls(server):
+    """nginx's TLS configuration checks, then the contexts themselves are
+    built once (a missing file or bad cipher list is an error now, as
+    `nginx -t` reports it, not at the first client)."""
+    settings = server.settings
+    users = [f'"{name}"' for name, used in
+             (("listen ... ssl", any(e.ssl for e in server.listens)),
+              ("starttls", server.starttls in ("on", "only"))) if used]
+    if users and not server.ssl_certificate:
+        raise ConfigError(f'no "ssl_certificate" is defined for the {users[0]} directive',
+                          server.where)
+    if len(server.ssl_certificate_key) < len(server.ssl_certificate):
+        raise ConfigError(f'no "ssl_certificate_key" is defined for certificate '
+                          f'"{server.ssl_certificate[-1]}"', settings["ssl_certificate"].where)
+    if server.ssl_verify_client != "off" and not (server.ssl_client_certificate
+                                                  or server.ssl_trusted_certificate):
+        raise ConfigError("no ssl_client_certificate or ssl_trusted_certificate for "
+                          "ssl_verify_client", settings["ssl_verify_client"].where)
+    if server.proxy_ssl and server.proxy_starttls:
+        raise ConfigError('"proxy_ssl" and "proxy_starttls" cannot both be on',
+                          settings["proxy_starttls"].where)
+    try:
+        if users:
+            tls.server_context(server)
+        if server.proxy_ssl or server.proxy_starttls:
+            tls.backend_context(server)
+    except tls.TlsSetupError as exc:
+        raise ConfigError(str(exc) + f' in "{exc.directive}" directive',
+                          settings[exc.directive].where or server.where) from None
 
 
 def _apply_legacy_keepalive(listens, legacy):
@@ -309,21 +343,23 @@ def _protocol(level, listens):
 
 
 def _refuse_later(*levels):
-    """A directive or listen parameter we cannot honour yet is an error,
-    unless it only restates the default (`starttls off;`)."""
+    """A directive or listen parameter we cannot honour (yet) is an error,
+    unless it only restates the default (`proxy_protocol off;`)."""
     for level in filter(None, levels):
         for name, setting in level.settings.items():
             row = d.TABLE[name]
-            default = _default(row)
-            if row.status == d.LATER and setting.value != default.value:
+            if row.status not in (d.LATER, d.GAP) or setting.value == _default(row).value:
+                continue
+            if row.status == d.LATER:
                 raise ConfigError(f'"{name}" directive is not implemented yet ({row.note})',
                                   setting.where)
+            raise ConfigError(f'"{name}" directive is not supported ({row.note}); '
+                              "see docs/directives.md", setting.where)
         for entry in level.settings.get("listen", Setting((), ())).value:
-            for param, note in (("ssl", d.TLS_LATER),
-                                ("proxy_protocol", "PROXY protocol arrives with a later release")):
-                if getattr(entry, param):
-                    raise ConfigError(f'the "{param}" parameter of "listen" is not '
-                                      f"implemented yet ({note})", entry.where)
+            if entry.proxy_protocol:
+                raise ConfigError('the "proxy_protocol" parameter of "listen" is not '
+                                  "implemented yet (PROXY protocol arrives with a later "
+                                  "release)", entry.where)
 
 
 def _check_duplicate_listens(servers):

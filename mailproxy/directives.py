@@ -15,6 +15,7 @@ The table follows section 1 of the nginx mail reference
 (`nginx-mail-spec.md`); the status column marks what is not built yet.
 """
 
+import base64
 import ipaddress
 import re
 import socket
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 
 # Statuses.  "later" directives are parsed and validated now, but a config
 # that uses them is refused with a clear error until the feature exists.
-READY, NOOP, LATER = "ready", "noop", "later"
+# "gap" directives are nginx behaviour Python's ssl module cannot express:
+# only their default is accepted, and docs/directives.md says why.
+READY, NOOP, LATER, GAP = "ready", "noop", "later", "gap"
 
 LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 PROTOCOLS = ("imap", "pop3", "smtp")
@@ -84,6 +87,37 @@ def parse_flag(text):
     if text not in ("on", "off"):
         raise BadValue(f'invalid value "{text}", it must be "on" or "off"')
     return text == "on"
+
+
+TLS_VERSIONS = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}
+
+
+def ecdh_curve(text):
+    """`auto` or one curve name: Python's ssl module sets a single curve."""
+    if ":" in text:
+        raise BadValue(f'invalid value "{text}": a list of curves is not supported, '
+                       "give one curve or auto")
+    return text
+
+
+def verify_client(text):
+    if text == "optional_no_ca":
+        raise BadValue('"optional_no_ca" is not supported: Python\'s ssl module cannot '
+                       "accept a certificate it has not verified")
+    return one_of("on", "off", "optional")(text)
+
+
+def pin(args):
+    """`proxy_ssl_pin sha256:BASE64`: the SHA-256 of the backend's public key
+    (SubjectPublicKeyInfo), as in HTTP public key pinning (RFC 7469)."""
+    kind, _, value = args[0].partition(":")
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except ValueError:
+        digest = b""
+    if kind != "sha256" or len(digest) != 32:
+        raise BadValue(f'invalid pin "{args[0]}", expected sha256:BASE64 of 32 bytes')
+    return (digest,)
 
 
 def one_of(*choices):
@@ -339,7 +373,6 @@ class Directive:
 
 MAIN, EVENTS, MAIL, SERVER = "main", "events", "mail", "server"
 M_S = (MAIL, SERVER)
-TLS_LATER = "TLS arrives with a later release"
 
 _ROWS = [
     # top level (nginx core)
@@ -364,8 +397,7 @@ _ROWS = [
     # ngx_mail_auth_http_module
     Directive("auth_http", M_S, (1, 1), auth_http_url),
     Directive("auth_http_header", M_S, (2, 2), pair, repeat=True),
-    Directive("auth_http_pass_client_cert", M_S, (1, 1), single(parse_flag), ["off"],
-              status=LATER, note=TLS_LATER),
+    Directive("auth_http_pass_client_cert", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("auth_http_timeout", M_S, (1, 1), single(parse_time), ["60s"]),
     # ngx_mail_proxy_module
     Directive("proxy", M_S, (1, 1), single(parse_flag), ["off"], status=NOOP,
@@ -398,38 +430,49 @@ _ROWS = [
     Directive("smtp_capabilities", M_S, (1, None), words, [], repeat=True),
     Directive("smtp_client_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
     Directive("smtp_greeting_delay", M_S, (1, 1), single(parse_time), ["0"]),
-    # ngx_mail_ssl_module: parsed now, refused until TLS exists
-    Directive("starttls", M_S, (1, 1), single(one_of("on", "off", "only")), ["off"],
-              status=LATER, note=TLS_LATER),
+    # ngx_mail_ssl_module
+    Directive("starttls", M_S, (1, 1), single(one_of("on", "off", "only")), ["off"]),
+    Directive("ssl_certificate", M_S, (1, 1), item, repeat=True),
+    Directive("ssl_certificate_key", M_S, (1, 1), item, repeat=True),
+    Directive("ssl_password_file", M_S, (1, 1), single(str)),
+    Directive("ssl_certificate_compression", M_S, (1, 1), single(parse_flag), ["off"],
+              status=GAP, note="Python's ssl module cannot turn it on"),
+    Directive("ssl_dhparam", M_S, (1, 1), single(str)),
+    Directive("ssl_ecdh_curve", M_S, (1, 1), single(ecdh_curve), ["auto"]),
+    Directive("ssl_protocols", M_S, (1, None), methods(TLS_VERSIONS), ["TLSv1.2", "TLSv1.3"]),
+    Directive("ssl_ciphers", M_S, (1, 1), single(str), ["HIGH:!aNULL:!MD5"]),
+    Directive("ssl_prefer_server_ciphers", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("ssl_session_cache", M_S, (1, 3), words, ["none"], status=GAP,
+              note="Python's ssl module keeps OpenSSL's built-in per-process cache"),
+    Directive("ssl_session_tickets", M_S, (1, 1), single(parse_flag), ["on"]),
+    Directive("ssl_session_ticket_key", M_S, (1, 1), item, repeat=True, status=GAP,
+              note="Python's ssl module cannot load ticket keys"),
+    Directive("ssl_session_timeout", M_S, (1, 1), single(parse_time), ["5m"], status=GAP,
+              note="Python's ssl module keeps OpenSSL's 5 minutes"),
+    Directive("ssl_verify_client", M_S, (1, 1), single(verify_client), ["off"]),
+    Directive("ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"], status=GAP,
+              note="Python's ssl module cannot limit the chain depth"),
+    Directive("ssl_client_certificate", M_S, (1, 1), single(str)),
+    Directive("ssl_trusted_certificate", M_S, (1, 1), single(str)),
+    Directive("ssl_crl", M_S, (1, 1), single(str)),
+    Directive("ssl_conf_command", M_S, (2, 2), pair, repeat=True, status=GAP,
+              note="Python's ssl module has no SSL_CONF interface"),
+    # beyond nginx: TLS toward the backend
+    Directive("proxy_ssl", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_starttls", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_ssl_verify", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_ssl_trusted_certificate", M_S, (1, 1), single(str)),
+    Directive("proxy_ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"],
+              status=GAP, note="Python's ssl module cannot limit the chain depth"),
+    Directive("proxy_ssl_name", M_S, (1, 1), single(str)),
+    Directive("proxy_ssl_server_name", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_ssl_protocols", M_S, (1, None), methods(TLS_VERSIONS),
+              ["TLSv1.2", "TLSv1.3"]),
+    Directive("proxy_ssl_ciphers", M_S, (1, 1), single(str), ["DEFAULT"]),
+    Directive("proxy_ssl_certificate", M_S, (1, 1), single(str)),
+    Directive("proxy_ssl_certificate_key", M_S, (1, 1), single(str)),
+    Directive("proxy_ssl_pin", M_S, (1, 1), pin, repeat=True),
 ]
-
-_TLS_ROWS = [
-    ("ssl_certificate", (1, 1), item, None, True),
-    ("ssl_certificate_key", (1, 1), item, None, True),
-    ("ssl_password_file", (1, 1), single(str), None, False),
-    ("ssl_certificate_compression", (1, 1), single(parse_flag), ["off"], False),
-    ("ssl_dhparam", (1, 1), single(str), None, False),
-    ("ssl_ecdh_curve", (1, 1), single(str), ["auto"], False),
-    ("ssl_protocols", (1, None), methods({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2",
-                                          "TLSv1.3"}), ["TLSv1.2", "TLSv1.3"], False),
-    ("ssl_ciphers", (1, 1), single(str), ["HIGH:!aNULL:!MD5"], False),
-    ("ssl_prefer_server_ciphers", (1, 1), single(parse_flag), ["off"], False),
-    ("ssl_session_cache", (1, 3), words, ["none"], False),
-    ("ssl_session_tickets", (1, 1), single(parse_flag), ["on"], False),
-    ("ssl_session_ticket_key", (1, 1), item, None, True),
-    ("ssl_session_timeout", (1, 1), single(parse_time), ["5m"], False),
-    ("ssl_verify_client", (1, 1), single(one_of("on", "off", "optional", "optional_no_ca")),
-     ["off"], False),
-    ("ssl_verify_depth", (1, 1), single(parse_positive), ["1"], False),
-    ("ssl_client_certificate", (1, 1), single(str), None, False),
-    ("ssl_trusted_certificate", (1, 1), single(str), None, False),
-    ("ssl_crl", (1, 1), single(str), None, False),
-    ("ssl_conf_command", (2, 2), pair, None, True),
-]
-
-_ROWS += [Directive(name, M_S, nargs, parse, default, repeat=repeat, status=LATER,
-                    note=TLS_LATER)
-          for name, nargs, parse, default, repeat in _TLS_ROWS]
 
 TABLE = {row.name: row for row in _ROWS}
 

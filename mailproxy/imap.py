@@ -17,6 +17,7 @@ from .stream import TooLong
 
 GREETING = b"* OK IMAP4 ready\r\n"
 INTERNAL_ERROR = b"* BAD internal server error\r\n"
+NO_CERTIFICATE = b"* BYE No required SSL certificate\r\n"
 BYE = b"* BYE\r\n"
 ID_REPLY = b"* ID NIL\r\n"              # RFC 2971: the proxy has nothing to tell
 CONTINUE_LITERAL = b"+ OK\r\n"
@@ -35,9 +36,13 @@ class Texts:
     """Reply lines that depend only on the config, built once per server."""
 
     def __init__(self, config):
-        words = [cap.encode() for cap in config.imap_capabilities]
-        words += [token for method, token in AUTH_ORDER if method in config.imap_auth]
-        self.capability = b"* CAPABILITY " + b" ".join(words) + b"\r\n"
+        caps = [cap.encode() for cap in config.imap_capabilities]
+        auth = [token for method, token in AUTH_ORDER if method in config.imap_auth]
+        normal = _capability(caps + auth)
+        # By TLS state (spec 3.1): STARTTLS offered, or required first.
+        self.capability = {"off": normal, "tls": normal,
+                           "on": _capability(caps + auth + [b"STARTTLS"]),
+                           "only": _capability(caps + [b"STARTTLS", b"LOGINDISABLED"])}
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.imap_auth
                                              if m in ("cram-md5", "external")}
 
@@ -47,6 +52,8 @@ class ImapSession(Session):
 
     protocol = "imap"
     INTERNAL_ERROR = INTERNAL_ERROR
+    NO_CERTIFICATE = NO_CERTIFICATE
+    BLOCKED_BEFORE_TLS = frozenset({"LOGIN", "AUTHENTICATE"})
     STATES = {"start": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "LOGIN", "AUTHENTICATE",
                         "STARTTLS"}}
     prepare = Texts
@@ -121,7 +128,7 @@ class ImapSession(Session):
     # --------------------------------------------------------- commands
 
     def do_CAPABILITY(self, command):
-        self.send(self.service.texts.capability + _tagged(command.tag, OK))
+        self.send(self.service.texts.capability[self.tls_mode] + _tagged(command.tag, OK))
 
     def do_NOOP(self, command):
         self.send(_tagged(command.tag, OK))
@@ -135,9 +142,7 @@ class ImapSession(Session):
         self.send(ID_REPLY + _tagged(command.tag, OK))
 
     def do_STARTTLS(self, command):
-        """Known to the parser, so refused without counting (spec 3.0)
-        while TLS is not available."""
-        raise Rejected(self.invalid_reply(command))
+        self.upgrade(command, _tagged(command.tag, OK))
 
     def do_LOGIN(self, command):
         if len(command.args) != 2 or not command.args[0]:
@@ -180,9 +185,13 @@ class ImapSession(Session):
     def auth_failed_reply(self, reply):
         return _tagged(self.tag, b"NO " + reply.status.encode("latin-1"))
 
-    def backend_login(self, stream, login, password):
+    def backend_login(self, stream, login, password, starttls=None):
         return backend.imap_login(stream, self.tag, login, password,
-                                  self.config.proxy_buffer, self.set_step)
+                                  self.config.proxy_buffer, self.set_step, starttls)
+
+
+def _capability(words):
+    return b"* CAPABILITY " + b" ".join(words) + b"\r\n"
 
 
 def _tagged(tag, text):

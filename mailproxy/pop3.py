@@ -12,6 +12,7 @@ from .session import Command, Rejected, Session
 
 GREETING = b"+OK POP3 ready"
 INTERNAL_ERROR = b"-ERR internal server error\r\n"
+NO_CERTIFICATE = b"-ERR No required SSL certificate\r\n"
 INVALID = b"-ERR invalid command\r\n"
 OK = b"+OK\r\n"
 CAPA_HEADER = b"+OK Capability list follows\r\n"
@@ -33,7 +34,14 @@ class Texts:
     def __init__(self, config):
         names = [name for method, name in SASL_ORDER if method in config.pop3_auth]
         caps = b"".join(cap.encode() + b"\r\n" for cap in config.pop3_capabilities)
-        self.capa = CAPA_HEADER + caps + b" ".join([b"SASL"] + names) + b"\r\n" + END
+        sasl = b" ".join([b"SASL"] + names) + b"\r\n"
+        normal = CAPA_HEADER + caps + sasl + END
+        no_user = b"".join(cap.encode() + b"\r\n" for cap in config.pop3_capabilities
+                           if cap.upper() != "USER")
+        # By TLS state (spec 3.2); in the USER state always `normal` (a quirk).
+        self.capa = {"off": normal, "tls": normal,
+                     "on": CAPA_HEADER + caps + sasl + b"STLS\r\n" + END,
+                     "only": CAPA_HEADER + no_user + b"STLS\r\n" + END}
         self.auth_methods = AUTH_HEADER + b"".join(n + b"\r\n" for n in names) + END
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.pop3_auth
                                              if m in ("cram-md5", "external")}
@@ -46,6 +54,8 @@ class Pop3Session(Session):
 
     protocol = "pop3"
     INTERNAL_ERROR = INTERNAL_ERROR
+    NO_CERTIFICATE = NO_CERTIFICATE
+    BLOCKED_BEFORE_TLS = frozenset({"USER", "APOP", "AUTH"})
     STATES = {"start": {"USER", "APOP", "AUTH", "CAPA", "NOOP", "QUIT", "STLS"},
               "user": {"PASS", "CAPA", "NOOP", "QUIT"}}
     prepare = Texts
@@ -108,10 +118,11 @@ class Pop3Session(Session):
         self.authenticate(credentials)
 
     def do_STLS(self, command):
-        raise Rejected(INVALID)     # known but not enabled: not counted (spec 3.0)
+        self.upgrade(command, OK)
 
     def do_CAPA(self, command):
-        self.send(self.service.texts.capa)
+        mode = "off" if self.state == "user" else self.tls_mode
+        self.send(self.service.texts.capa[mode])
 
     def do_NOOP(self, command):
         self.send(OK)
@@ -138,9 +149,9 @@ class Pop3Session(Session):
         self.user = b""
         super().back_to_start()
 
-    def backend_login(self, stream, login, password):
+    def backend_login(self, stream, login, password, starttls=None):
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step)
+                                  self.set_step, starttls)
 
 
 def _continuation(challenge):

@@ -13,6 +13,7 @@ SIGQUIT stops accepting and lets sessions finish; SIGTERM and SIGINT end
 everything at once.
 """
 
+import ipaddress
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import threading
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
+from . import tls
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .pop3 import Pop3Session
@@ -33,7 +35,7 @@ POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
 
 class Service:
     """What every session of one `server {}` shares, read-only: its config,
-    prebuilt reply texts, auth service client and logger."""
+    prebuilt reply texts, auth service client, logger and TLS contexts."""
 
     def __init__(self, config, logger):
         self.config = config
@@ -42,11 +44,28 @@ class Service:
         self.texts = self.session_class.prepare(config)
         self.auth = AuthClient(config.auth_http, config.auth_http_timeout,
                                config.auth_http_header)
+        needs_tls = config.starttls != "off" or any(e.ssl for e in config.listens)
+        self.tls = tls.server_context(config) if needs_tls else None
+        self.backend_tls = tls.BackendTls(config) \
+            if config.proxy_ssl or config.proxy_starttls else None
+        self.warned = set()             # backend addresses warned about; sessions add
+        self.warned_lock = threading.Lock()
+
+    def warn_clear_text(self, address, log):
+        """Once per backend: passwords leave this machine unencrypted."""
+        if ipaddress.ip_address(address).is_loopback:
+            return
+        with self.warned_lock:
+            if address in self.warned:
+                return
+            self.warned.add(address)
+        log.warning("passwords go to backend %s in clear text (no proxy_ssl or "
+                    "proxy_starttls)", address)
 
 
 class Listener(socketserver.TCPServer):
     """One listening socket.  `routes` maps a local (host, port) to the
-    (service, listen name) that serves it; `default` serves the rest."""
+    (service, Listen entry) that serves it; `default` serves the rest."""
 
     allow_reuse_address = True
 
@@ -78,7 +97,7 @@ class Listener(socketserver.TCPServer):
         super().server_bind()
 
     def route(self, sock):
-        """(service, listen name) for an accepted connection."""
+        """(service, Listen entry) for an accepted connection."""
         if not self.routes:
             return self.default
         try:
@@ -243,10 +262,10 @@ def plan_sockets(services):
     wildcards = {(e.family, e.port): (e, s) for e, s in entries if e.wildcard}
     plan = {}
     for entry, service in entries:
-        route = (service, entry.name)
+        route = (service, entry)
         owner = wildcards.get((entry.family, entry.port))
         if owner and owner[0] is not entry and not entry.bind:
-            plan.setdefault(owner[0], [(owner[1], owner[0].name), {}])[1][
+            plan.setdefault(owner[0], [(owner[1], owner[0]), {}])[1][
                 (entry.host, entry.port)] = route
         else:
             plan.setdefault(entry, [route, {}])

@@ -22,6 +22,7 @@ about with the internal-error line.
 
 import itertools
 import socket
+import ssl
 import socketserver
 import threading
 import time
@@ -33,6 +34,7 @@ from .log import SessionLog
 from .relay import Relay
 from .sasl import EXCHANGES, make_salt
 from .stream import Closed, Stream, TooLong
+from .tls import TlsChannel, certificate_headers
 
 MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
                             # (nginx loops for ever; its docs suggest 10-20 attempts)
@@ -71,6 +73,8 @@ class Session(socketserver.BaseRequestHandler):
 
     protocol = ""
     INTERNAL_ERROR = b""
+    NO_CERTIFICATE = b""            # ssl_verify_client on, and none was sent
+    BLOCKED_BEFORE_TLS = frozenset()    # verbs `starttls only` refuses in clear text
     STATES = {"start": ()}          # state -> verbs accepted in it
     needs_backend_password = True   # IMAP/POP3 must have a clear-text password
     handlers = {}
@@ -83,7 +87,8 @@ class Session(socketserver.BaseRequestHandler):
     # ------------------------------------------------------------ frame
 
     def setup(self):
-        self.service, self.server_text = self.server.route(self.request)
+        self.service, self.listen = self.server.route(self.request)
+        self.server_text = self.listen.name
         self.config = self.service.config
         self.conn = next(_connections)
         self.client = Stream(self.request)
@@ -121,6 +126,8 @@ class Session(socketserver.BaseRequestHandler):
         except TooLong as exc:
             self.log.info("client sent too long command")
             self._send_quietly(self.too_long_reply(exc.head))
+        except ssl.SSLError as exc:
+            self.log.info("SSL error with the client (%s)", exc.reason or exc)
         except (InternalError, AuthServiceError, BackendError) as exc:
             self.log.error("%s", exc)
             self._send_quietly(self.INTERNAL_ERROR)
@@ -132,7 +139,10 @@ class Session(socketserver.BaseRequestHandler):
 
     def run(self):
         self.client.set_deadline(self.config.timeout)
-        self.greet()
+        if self.listen.ssl:
+            self.start_tls()
+        if not self.quit:
+            self.greet()
         while not self.quit:
             self.next_command()
 
@@ -143,6 +153,8 @@ class Session(socketserver.BaseRequestHandler):
             if handler is None:
                 raise Rejected(self.invalid_reply(command), counted=True)
             if command.verb not in self.STATES[self.state]:
+                raise Rejected(self.invalid_reply(command))
+            if command.verb in self.BLOCKED_BEFORE_TLS and self.tls_mode == "only":
                 raise Rejected(self.invalid_reply(command))
             handler(self, command)
         except Rejected as exc:
@@ -173,6 +185,7 @@ class Session(socketserver.BaseRequestHandler):
     def abort(self):
         """Called from another thread (fast stop): end this session now."""
         for sock in (self.request, self.backend.sock if self.backend else None):
+            sock = getattr(sock, "sock", sock)      # the socket under a TlsChannel
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -192,6 +205,47 @@ class Session(socketserver.BaseRequestHandler):
 
     def set_step(self, text):
         self.step = text
+
+    # ------------------------------------------------------------- TLS
+
+    @property
+    def tls_mode(self):
+        """"tls" once the client connection is encrypted, else the
+        `starttls` setting: "off", "on" or "only" (spec 3.0, 5)."""
+        return "tls" if self.client.secure else self.config.starttls
+
+    def starttls_allowed(self):
+        return self.tls_mode in ("on", "only")
+
+    def start_tls(self):
+        """Handshake with the client (implicit TLS, or after STARTTLS) under
+        the `timeout` deadline, then check its certificate (spec 5.3).
+        The command loop then starts again; there is no new greeting."""
+        self.step = "SSL handshaking"
+        self.client.start_tls(TlsChannel(self.request, self.service.tls, server_side=True))
+        self.step = "in auth state"
+        self.state = "start"
+        channel = self.client.sock
+        self.log.debug("SSL handshake done: %s, %s", channel.version, channel.cipher)
+        if self.config.ssl_verify_client == "on" and not channel.peer_certificate():
+            self.log.info("client sent no required SSL certificate")
+            self.send(self.NO_CERTIFICATE)
+            self.quit = True
+
+    def upgrade(self, command, reply):
+        """STARTTLS/STLS: refused (not counted) unless allowed; else the OK
+        `reply`, then the handshake (spec 3.0)."""
+        if not self.starttls_allowed():
+            raise Rejected(self.invalid_reply(command))
+        self.send(reply)
+        self.start_tls()
+
+    def tls_headers(self):
+        """Auth-SSL-* request headers (spec 2.2), for TLS clients only."""
+        if not self.client.secure:
+            return ()
+        return tuple(certificate_headers(self.client.sock, self.config.ssl_verify_client,
+                                         self.config.auth_http_pass_client_cert))
 
     # ---------------------------------------------------------- SASL
 
@@ -233,7 +287,8 @@ class Session(socketserver.BaseRequestHandler):
         return AuthRequest(method=credentials.method, login=credentials.login,
                            password=credentials.password, salt=credentials.salt,
                            protocol=self.protocol, attempt=self.attempt,
-                           client_ip=self.client_text, extra=self.auth_extra_headers())
+                           client_ip=self.client_text,
+                           extra=self.auth_extra_headers() + self.tls_headers())
 
     def auth_extra_headers(self):
         """Protocol-specific request headers (SMTP adds Client-Host)."""
@@ -281,9 +336,16 @@ class Session(socketserver.BaseRequestHandler):
         self.login = login
         self.upstream_text = _hostport(reply.server, reply.port)
         self.step = "connecting to upstream"
-        self.backend = backend_mod.connect(reply.server, reply.port, self.config.timeout)
+        tls = self.service.backend_tls
+        self.backend = backend_mod.connect(reply.server, reply.port, self.config.timeout, tls)
+        starttls = None
+        if tls and not tls.implicit:
+            def starttls():
+                backend_mod.start_tls(self.backend, tls, reply.server)
+        elif not tls:
+            self.service.warn_clear_text(reply.server, self.log)
         try:
-            final = self.backend_login(self.backend, login, password)
+            final = self.backend_login(self.backend, login, password, starttls)
         except BackendError as exc:
             self.backend_failed(exc)
             return
@@ -303,7 +365,7 @@ class Session(socketserver.BaseRequestHandler):
         self.step = "proxying"
         self.log.info("client logged in, proxying to %s", self.upstream_text)
         started = time.monotonic()
-        relay = Relay(self.request, self.backend.sock, self.config.proxy_timeout,
+        relay = Relay(self.client.sock, self.backend.sock, self.config.proxy_timeout,
                       linger=self.config.timeout, buffers=self.relay_buffers(),
                       name=f"session-{self.conn}")
         outcome = relay.run(self.client.take_buffer())

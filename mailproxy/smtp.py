@@ -19,6 +19,8 @@ from .sasl import Credentials, SaslError
 from .session import Command, Rejected, Session
 
 INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
+NO_CERTIFICATE = b"421 4.7.1 No required SSL certificate\r\n"
+START_TLS = b"220 2.0.0 Start TLS\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
@@ -42,11 +44,16 @@ class Texts:
         name = config.server_name.encode()
         self.greeting = b"220 " + name + b" ESMTP ready\r\n"
         self.helo = b"250 " + name + b"\r\n"
-        lines = [name] + [cap.encode() for cap in config.smtp_capabilities]
+        caps = [cap.encode() for cap in config.smtp_capabilities]
+        lines = [name] + caps
         methods = [token for method, token in SASL_ORDER if method in config.smtp_auth]
         if methods:
             lines.append(b"AUTH " + b" ".join(methods))
-        self.ehlo = multiline(b"250", lines)
+        normal = multiline(b"250", lines)
+        # By TLS state (spec 3.3.3): STARTTLS last, or the only offer.
+        self.ehlo = {"off": normal, "tls": normal,
+                     "on": multiline(b"250", lines + [b"STARTTLS"]),
+                     "only": multiline(b"250", [name] + caps + [b"STARTTLS"])}
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.smtp_auth
                                              if m in ("cram-md5", "external")}
         self.mx_mode = "none" in config.smtp_auth
@@ -59,6 +66,8 @@ class SmtpSession(Session):
 
     protocol = "smtp"
     INTERNAL_ERROR = INTERNAL_ERROR
+    NO_CERTIFICATE = NO_CERTIFICATE
+    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # not MAIL/RCPT in MX mode, as nginx
     STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
                         "VRFY", "EXPN", "HELP", "STARTTLS"}}
     prepare = Texts
@@ -115,7 +124,7 @@ class SmtpSession(Session):
 
     def do_EHLO(self, command):
         self.esmtp = True
-        self.hello(command, b"EHLO", self.service.texts.ehlo)
+        self.hello(command, b"EHLO", self.service.texts.ehlo[self.tls_mode])
 
     def hello(self, command, verb, reply):
         if len(command.args) != 1:
@@ -177,7 +186,10 @@ class SmtpSession(Session):
     do_EXPN = do_HELP = do_VRFY
 
     def do_STARTTLS(self, command):
-        raise Rejected(INVALID)     # known but not enabled: not counted (spec 3.0)
+        """RFC 3207 4.2: after TLS the client starts over; HELO, MAIL and
+        RCPT are forgotten (the ESMTP mark is not, as in nginx)."""
+        self.upgrade(command, START_TLS)
+        self.helo_verb = self.helo = self.mail_from = self.rcpt_to = b""
 
     # ------------------------------------------- shared-frame hooks
 
@@ -208,7 +220,7 @@ class SmtpSession(Session):
                         ("Auth-SMTP-To", self.rcpt_to.decode("latin-1"))]
         return tuple(headers)
 
-    def backend_login(self, stream, login, password):
+    def backend_login(self, stream, login, password, starttls=None):
         plan = backend.SmtpPlan(
             server_name=self.config.server_name.encode(),
             ehlo=self.esmtp or self.config.xclient,
@@ -218,7 +230,8 @@ class SmtpSession(Session):
             helo=(self.helo_verb, self.helo) if self.helo_verb else None,
             auth=self.backend_auth(),
             mail_from=self.mail_from if self.rcpt_to else b"", rcpt_to=self.rcpt_to)
-        reply = backend.smtp_login(stream, plan, self.config.proxy_buffer, self.set_step)
+        reply = backend.smtp_login(stream, plan, self.config.proxy_buffer, self.set_step,
+                                   starttls)
         return reply if self.rcpt_to else AUTH_OK
 
     def backend_auth(self):

@@ -92,6 +92,19 @@ class Stream:
         except ConnectionError:
             raise Closed() from None
 
+    def start_tls(self, channel):
+        """Switch to TLS (a tls.TlsChannel over our socket), handshaking
+        under the deadline.  Bytes the peer sent after its STARTTLS are
+        dropped, never run as commands: CVE-2014-3556."""
+        self.buffer.clear()
+        self._arm()
+        channel.handshake()
+        self.sock = channel
+
+    @property
+    def secure(self):
+        return hasattr(self.sock, "tls")
+
     def take_buffer(self):
         """Hand over the bytes read but not yet used (pipelined commands)."""
         data = bytes(self.buffer)

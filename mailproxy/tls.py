@@ -19,12 +19,14 @@ recv, recv_into, sendall, settimeout, fileno, shutdown, close, plus
 `pending()` for decrypted bytes that poll() cannot see.
 """
 
+import base64
 import hashlib
 import socket
 import ssl
 import threading
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .auth_http import escape
 
@@ -299,3 +301,60 @@ def describe_certificate(der, pass_cert=False):
     if pass_cert:
         headers.append(("Auth-SSL-Cert", escape(ssl.DER_cert_to_PEM_cert(der).encode())))
     return headers
+
+
+def backend_context(config):
+    """The SSLContext toward backends (beyond nginx): proxy_ssl_* settings."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _versions(context, config.proxy_ssl_protocols, "proxy_ssl_protocols")
+    _ciphers(context, config.proxy_ssl_ciphers, "proxy_ssl_ciphers")
+    if config.proxy_ssl_verify:
+        if config.proxy_ssl_trusted_certificate:
+            _apply("proxy_ssl_trusted_certificate", context.load_verify_locations,
+                   config.proxy_ssl_trusted_certificate)
+        else:
+            context.load_default_certs()
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if config.proxy_ssl_certificate:
+        key = config.proxy_ssl_certificate_key or config.proxy_ssl_certificate
+        try:
+            context.load_cert_chain(config.proxy_ssl_certificate, key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise TlsSetupError("proxy_ssl_certificate", f'cannot load certificate '
+                                f'"{config.proxy_ssl_certificate}": {reason}') from None
+    return context
+
+
+class BackendTls:
+    """How one server{} talks TLS to its backends: the context, the name to
+    verify (and send as SNI), and the public-key pins."""
+
+    def __init__(self, config):
+        self.context = backend_context(config)
+        self.implicit = config.proxy_ssl            # else STARTTLS (proxy_starttls)
+        self.verify = config.proxy_ssl_verify
+        self.name = config.proxy_ssl_name
+        self.sni = config.proxy_ssl_server_name
+        self.pins = set(config.proxy_ssl_pin)
+
+    def channel(self, sock, address):
+        """A client-side TlsChannel for a backend at `address`."""
+        name = self.name or address
+        hostname = name if (self.verify or self.sni) else None
+        return TlsChannel(sock, self.context, server_side=False, server_hostname=hostname)
+
+    def check_pin(self, channel):
+        """proxy_ssl_pin: the backend's public key must be one of the pins;
+        a small site's self-signed backend stays protected this way."""
+        if not self.pins:
+            return None
+        cert = x509.load_der_x509_certificate(channel.peer_certificate())
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        if hashlib.sha256(spki).digest() in self.pins:
+            return None
+        return "upstream SSL certificate does not match proxy_ssl_pin (key sha256:" \
+               f"{base64.b64encode(hashlib.sha256(spki).digest()).decode()})"
