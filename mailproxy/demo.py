@@ -6,18 +6,27 @@ Three pieces start, each the real thing except the last:
 2. the reference auth service (authservice.py) with two demo users;
 3. small in-memory IMAP, POP3 and SMTP backends (demo_backends.py): teaching
    aids, not mail servers, so nothing else needs installing.
+STARTTLS is on for all three listeners, with a throwaway self-signed
+certificate made at start (its path is printed for curl's --cacert).
 
 Mail sent through the SMTP listener lands in the demo mailbox and can be
 fetched through the IMAP or POP3 listener.  The terminal shows one line per
 session; Ctrl-C stops everything.
 """
 
+import datetime
+import ipaddress
 import logging
 import os
 import shutil
 import socket
 import tempfile
 import threading
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from . import config as configmod
 from .authservice import AuthService, plain_secret
@@ -36,6 +45,9 @@ mail {{
     server_name demo.test;
     auth_http 127.0.0.1:{auth}/auth;
     timeout 5m;
+    starttls on;                       # with a throwaway certificate
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
     server {{ listen 127.0.0.1:{imap}; protocol imap;
              imap_capabilities IMAP4rev1 IDLE LITERAL+ UIDPLUS;
              imap_auth plain login cram-md5; }}
@@ -53,12 +65,14 @@ mailproxy demo: a proxy, an auth service and in-memory mail backends on 127.0.0.
   SMTP  127.0.0.1:{smtp:<5}  ->  demo backend 127.0.0.1:{b_smtp} (XCLIENT)
   auth service  http://127.0.0.1:{auth}/auth   users: alice/wonderland, bob/builder
   configuration {conf}
+  STARTTLS on all three, certificate {cert} (throwaway)
 
 Try, in another terminal:
   curl 'imap://alice:wonderland@127.0.0.1:{imap}/INBOX;UID=1'
   curl pop3://alice:wonderland@127.0.0.1:{pop3}/
   printf 'Subject: hello\\r\\n\\r\\nHi Alice!\\r\\n' | curl smtp://127.0.0.1:{smtp} \\
       --user bob:builder --mail-from bob@demo.test --mail-rcpt alice@demo.test -T -
+  curl --ssl-reqd --cacert {cert} 'imap://alice:wonderland@localhost:{imap}/INBOX;UID=2'
 
 Ctrl-C stops everything.
 """
@@ -78,14 +92,15 @@ def run(echo=print, install_signals=True, ready=None):
                  if name != "auth"}
         ports["auth"] = auth.server_address[1]
         conf = os.path.join(workdir, "mail.conf")
+        cert, key = throwaway_certificate(workdir)
         with open(conf, "w") as file:
-            file.write(CONFIG.format(**ports))
+            file.write(CONFIG.format(cert=cert, key=key, **ports))
         worker = Worker(configmod.load(conf, prefix=workdir))
         worker.open()
         _one_line_per_session(worker)
         if install_signals:
             worker.install_signals()
-        echo(BANNER.format(conf=conf, b_imap=backends.imap_port, b_pop3=backends.pop3_port,
+        echo(BANNER.format(conf=conf, cert=cert, b_imap=backends.imap_port, b_pop3=backends.pop3_port,
                            b_smtp=backends.smtp_port, **ports))
         if ready:
             ready(ports, worker)
@@ -111,6 +126,31 @@ def _start_auth_service(workdir, backends):
     threading.Thread(target=service.serve_forever, name="demo auth service",
                      daemon=True).start()
     return service
+
+
+def throwaway_certificate(workdir):
+    """A self-signed certificate for localhost and 127.0.0.1, valid a week:
+    enough for STARTTLS in a demo, and clearly not for anything else."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailproxy demo")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    with open(cert_path, "wb") as file:
+        file.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as file:
+        file.write(key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 def _free_or(port):

@@ -14,6 +14,10 @@ Two limits keep a relay from living for ever:
 * once one side has closed, the other has `linger` seconds (the `timeout`
   directive) without traffic to finish.
 A failed write, or either limit, shuts both sockets down at once.
+
+Either side may be a tls.TlsChannel rather than a socket; it behaves like
+one, except that it may hold decrypted bytes the kernel no longer shows to
+poll(), so those are looked at first.
 """
 
 import select
@@ -72,7 +76,7 @@ class Relay:
                 if wait <= 0:
                     self._stop("timeout")
                     return
-                if not poller.poll(wait * 1000):
+                if not _buffered(source) and not poller.poll(wait * 1000):
                     continue
                 try:
                     count = source.recv_into(buffer)
@@ -123,3 +127,9 @@ class Relay:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _buffered(sock):
+    """Bytes a TLS connection has already received: poll() cannot see them."""
+    pending = getattr(sock, "pending", None)
+    return pending() if pending else 0
