@@ -11,7 +11,8 @@ answers from a users file:
 Passwords are stored as scrypt hashes (`mailproxy auth-service passwd joe`
 writes one), or as `{PLAIN}text` (`{PLAIN-B64}base64` if it holds white
 space or "#") for users who log in with CRAM-MD5 or APOP: those send a
-digest of the password, and checking a digest needs the clear text.  `auth-user=` renames the login toward the backend.  For SMTP without
+digest of the password, and checking a digest needs the clear text.
+`auth-user=` renames the login toward the backend.  For SMTP without
 authentication (`smtp_auth none`, MX mode), the recipient's local part picks
 the user whose smtp= backend takes the mail.
 
@@ -40,7 +41,7 @@ MAX_ATTEMPTS = 10               # then no Auth-Wait: the proxy closes the sessio
 FAILURES_BEFORE_LOCKOUT = 10    # per client address, within LOCKOUT_WINDOW
 LOCKOUT_WINDOW = 600            # seconds
 LOCKOUT_TIME = 300              # seconds
-RELOAD_CHECK = 1.0              # seconds between users-file mtime checks
+RELOAD_CHECK = 1.0              # seconds between two looks at the users file
 SCHEMES = ("{SCRYPT}", "{PLAIN}", "{PLAIN-B64}")
 INVALID = "Invalid login or password"
 LOCKED = "Too many failures, try again later"
@@ -158,7 +159,7 @@ def _check_secret(user):
         text = user.clear_text
     except ValueError:                  # binascii.Error, UnicodeDecodeError
         raise ValueError("bad {PLAIN-B64} password: not base64 of UTF-8 text") from None
-    if text is not None and not text.isprintable():
+    if text is not None and any(ch < " " or ch == "\x7f" for ch in text):
         raise ValueError("the password holds control characters, which Auth-Pass cannot carry")
 
 

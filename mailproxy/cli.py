@@ -17,10 +17,11 @@ import sys
 
 import click
 
-from . import NGINX_COMPAT, __version__, config as configmod, server
+from . import NGINX_COMPAT, __version__, config as configmod, master, server
 
 DEFAULT_CONF = "/etc/mailproxy/mail.conf"
-SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT, "reopen": signal.SIGUSR1}
+SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT, "reopen": signal.SIGUSR1,
+           "reload": signal.SIGHUP}
 
 
 def _say(text):
@@ -71,6 +72,8 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build)
         ctx.exit(1)
     if signal_name:
         ctx.exit(_send_signal(config, signal_name))
+    if config.worker_processes > 1:
+        ctx.exit(master.Master(config, lambda: configmod.load(path, prefix, directives)).run())
     ctx.exit(server.run(config))
 
 

@@ -11,7 +11,9 @@ Every mistake is a `ConfigError` naming file:line in nginx's words, e.g.
 `unknown directive "foo" in /etc/mailproxy/mail.conf:12`, and nothing starts.
 """
 
+import grp
 import os
+import pwd
 import socket
 import tempfile
 from dataclasses import dataclass, replace
@@ -101,6 +103,9 @@ class Config:
     error_logs: tuple           # ((dest, level), ...) of the main level
     pid: str
     servers: tuple
+    user: tuple = None          # (user, group) for worker processes, or None
+    rlimit_nofile: int = None
+    shutdown_timeout: float = 0     # 0: a graceful stop waits for ever
 
     def resolve(self, path):
         """A path from the file, made absolute against the prefix (-p)."""
@@ -135,7 +140,22 @@ def _parse_file(path):
             raise ConfigError(f'open() "{exc.filename}" failed ({exc.errno}: {exc.strerror})',
                               where)
         raise ConfigError(error["error"], where)
+    for entry in payload["config"]:
+        _check_terminators(entry["file"])
     return _Files(payload["config"], 0)
+
+
+def _check_terminators(path):
+    """crossplane takes `name args }` as a whole directive; nginx says
+    `unexpected "}"`, and so do we."""
+    previous = None
+    for token, line, quoted in crossplane.lex(path):
+        if token.startswith("#") and not quoted:
+            continue                            # a comment
+        if token == "}" and not quoted and previous is not None and \
+                (previous[1] or previous[0] not in (";", "{", "}")):
+            raise ConfigError('unexpected "}"', Where(path, line))
+        previous = (token, quoted)
 
 
 def _parse_text(text):
@@ -260,15 +280,30 @@ def _build(path, prefix, levels):
     workers = _effective("worker_processes", main).value
     if workers == "auto":
         workers = os.cpu_count() or 1
-    if workers > 1:
-        where = main.settings["worker_processes"].where
-        raise ConfigError('"worker_processes" greater than 1 is not implemented yet '
-                          "(worker processes arrive with a later release)", where)
+    shutdown = main.settings.get("shutdown_timeout") or _effective("worker_shutdown_timeout",
+                                                                     main)
     return Config(
         path=path, prefix=prefix, worker_processes=workers,
         worker_connections=_effective("worker_connections", levels.get("events")).value,
         error_logs=_effective("error_log", main).value,
-        pid=_effective("pid", main).value, servers=servers)
+        pid=_effective("pid", main).value, servers=servers,
+        user=_user(main.settings.get("user")),
+        rlimit_nofile=_effective("worker_rlimit_nofile", main).value,
+        shutdown_timeout=shutdown.value)
+
+
+def _user(setting):
+    """`user name [group];` -> (name, group); the group defaults to the name's."""
+    if setting is None:
+        return None
+    name, group = (setting.value + (None,))[:2]
+    for lookup, value in ((pwd.getpwnam, name), (grp.getgrnam, group)):
+        try:
+            if value is not None:
+                lookup(value)
+        except KeyError:
+            raise ConfigError(f'{lookup.__name__}("{value}") failed', setting.where) from None
+    return (name, group)
 
 
 def _server(level, mail, main):
@@ -295,12 +330,14 @@ def _check_tls(server):
     built once (a missing file or bad cipher list is an error now, as
     `nginx -t` reports it, not at the first client)."""
     settings = server.settings
-    users = [f'"{name}"' for name, used in
-             (("listen ... ssl", any(e.ssl for e in server.listens)),
-              ("starttls", server.starttls in ("on", "only"))) if used]
+    # (what needs a certificate, where it was said): nginx names that line
+    users = [(f'"{name}"', where) for name, where in
+             (("listen ... ssl", next((e.where for e in server.listens if e.ssl), None)),
+              ("starttls", server.starttls in ("on", "only") and settings["starttls"].where))
+             if where]
     if users and not server.ssl_certificate:
-        raise ConfigError(f'no "ssl_certificate" is defined for the {users[0]} directive',
-                          server.where)
+        raise ConfigError(f'no "ssl_certificate" is defined for the {users[0][0]} directive',
+                          users[0][1])
     if len(server.ssl_certificate_key) < len(server.ssl_certificate):
         raise ConfigError(f'no "ssl_certificate_key" is defined for certificate '
                           f'"{server.ssl_certificate[-1]}"', settings["ssl_certificate"].where)

@@ -13,13 +13,17 @@ SIGQUIT stops accepting and lets sessions finish; SIGTERM and SIGINT end
 everything at once.
 """
 
+import grp
 import ipaddress
 import logging
 import os
+import pwd
+import resource
 import signal
 import socket
 import socketserver
 import threading
+import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
@@ -64,37 +68,14 @@ class Service:
 
 
 class Listener(socketserver.TCPServer):
-    """One listening socket.  `routes` maps a local (host, port) to the
+    """One listening socket, opened by `open_socket` (here, or in the master
+    process before it forked us).  `routes` maps a local (host, port) to the
     (service, Listen entry) that serves it; `default` serves the rest."""
 
-    allow_reuse_address = True
-
-    def __init__(self, entry, default, routes, worker):
-        self.address_family = entry.family
+    def __init__(self, sock, entry, default, routes, worker):
+        socketserver.BaseServer.__init__(self, (entry.host, entry.port), None)
+        self.socket = sock
         self.entry, self.default, self.routes, self.worker = entry, default, routes, worker
-        self.request_queue_size = entry.backlog
-        super().__init__((entry.host, entry.port), None, bind_and_activate=False)
-        try:
-            self.server_bind()
-            self.server_activate()
-        except OSError:
-            self.server_close()
-            raise
-
-    def server_bind(self):
-        entry, sock = self.entry, self.socket
-        if entry.multipath:
-            sock.close()
-            self.socket = sock = socket.socket(entry.family, socket.SOCK_STREAM,
-                                               socket.IPPROTO_MPTCP)
-        if entry.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(entry.ipv6only))
-        if entry.rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, entry.rcvbuf)
-        if entry.sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, entry.sndbuf)
-        _set_keepalive(sock, entry.so_keepalive)
-        super().server_bind()
 
     def route(self, sock):
         """(service, Listen entry) for an accepted connection."""
@@ -139,10 +120,12 @@ class Listener(socketserver.TCPServer):
 class Worker:
     """The listeners and sessions of this process, and how they stop."""
 
-    def __init__(self, config):
+    def __init__(self, config, single=True):
         self.config = config
+        self.single = single            # no master: this process owns the pid file
         self.max_sessions = config.worker_connections
-        self.lock = threading.Lock()    # guards the two sets below (session threads)
+        self.lock = threading.RLock()   # guards the two sets below (session threads;
+                                        # reentrant: a signal handler may take it too)
         self.threads = set()
         self.sessions = set()
         self.listeners = []
@@ -177,15 +160,18 @@ class Worker:
 
     # ------------------------------------------------------ life cycle
 
-    def open(self):
-        """Bind every listening socket (OSError names the address)."""
-        for entry, default, routes in plan_sockets(self.services):
-            try:
-                self.listeners.append(Listener(entry, default, routes, self))
-            except OSError as exc:
-                self.close_listeners()
-                raise OSError(exc.errno, f"bind() to {entry.name} failed "
-                                         f"({exc.errno}: {exc.strerror})") from None
+    def open(self, sockets=None):
+        """Serve `sockets` ({socket_key(entry): socket}, from the master), or
+        bind every listening socket here (OSError names the address)."""
+        plan = socket_plan(self.config)
+        if sockets is None:
+            sockets = open_sockets(plan)
+        for entry, default, routes in plan:
+            route = {key: (self.services[index], listen) for key, (index, listen) in
+                     routes.items()}
+            default = (self.services[default[0]], default[1])
+            self.listeners.append(Listener(sockets[socket_key(entry)], entry, default,
+                                           route, self))
 
     def serve(self):
         """Accept until a signal says stop; returns the exit status."""
@@ -208,12 +194,24 @@ class Worker:
         signal.signal(signal.SIGINT, lambda *_: self.stop("stop"))
         signal.signal(signal.SIGUSR1, lambda *_: self.destinations.reopen())
         signal.signal(signal.SIGHUP, lambda *_: self.log.warning(
-            "reload is not implemented yet (it arrives with worker processes), "
-            "SIGHUP ignored"))
+            "SIGHUP ignored: reload is done by a master process "
+            "(worker_processes 2 or more)"))
 
     def stop(self, how):
+        """Called from a signal handler.  A fast stop that arrives during a
+        graceful one cuts the remaining sessions at once."""
+        if self.stopping.is_set() and how == "stop":
+            self.how = "stop"
+            self.abort_sessions()
+            return
         self.how = how
         self.stopping.set()
+
+    def abort_sessions(self):
+        with self.lock:
+            sessions = list(self.sessions)
+        for session in sessions:
+            session.abort()
 
     def shutdown(self):
         """Stop accepting; on "stop" also cut every session; then wait for
@@ -223,11 +221,16 @@ class Worker:
         for listener in self.listeners:
             listener.shutdown()         # returns once serve_forever has stopped
         self.close_listeners()
+        if self.how == "quit" and self.config.shutdown_timeout:
+            deadline = time.monotonic() + self.config.shutdown_timeout
+            for thread in list(self.threads):
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if self.threads:
+                self.log.log(logmod.NOTICE, "shutdown timeout: closing %d sessions",
+                             len(self.threads))
+                self.how = "stop"
         if self.how != "quit":
-            with self.lock:
-                sessions = list(self.sessions)
-            for session in sessions:
-                session.abort()
+            self.abort_sessions()
         for thread in list(self.threads):
             thread.join()
         for service in self.services:
@@ -242,34 +245,81 @@ class Worker:
         self.listeners = []
 
     def _write_pid(self):
-        if self.config.pid:
+        if self.config.pid and self.single:
             with open(self.config.resolve(self.config.pid), "w") as file:
                 file.write(f"{os.getpid()}\n")
 
     def _remove_pid(self):
-        if self.config.pid:
+        if self.config.pid and self.single:
             try:
                 os.unlink(self.config.resolve(self.config.pid))
             except OSError:
                 pass
 
 
-def plan_sockets(services):
-    """[(Listen entry, default route, routes)] for the sockets to open: a
-    wildcard socket also serves the same port's specific addresses that do
-    not ask for `bind` (nginx's rule, spec 1.2)."""
-    entries = [(entry, service) for service in services for entry in service.config.listens]
-    wildcards = {(e.family, e.port): (e, s) for e, s in entries if e.wildcard}
+def socket_plan(config):
+    """[(Listen entry, default route, routes)] for the sockets to open, a
+    route being (server index, Listen entry): a wildcard socket also serves
+    the same port's specific addresses that do not ask for `bind` (nginx's
+    rule, spec 1.2)."""
+    entries = [(entry, index) for index, server in enumerate(config.servers)
+               for entry in server.listens]
+    wildcards = {(e.family, e.port): (e, i) for e, i in entries if e.wildcard}
     plan = {}
-    for entry, service in entries:
-        route = (service, entry)
+    for entry, index in entries:
         owner = wildcards.get((entry.family, entry.port))
         if owner and owner[0] is not entry and not entry.bind:
             plan.setdefault(owner[0], [(owner[1], owner[0]), {}])[1][
-                (entry.host, entry.port)] = route
+                (entry.host, entry.port)] = (index, entry)
         else:
-            plan.setdefault(entry, [route, {}])
+            plan.setdefault(entry, [(index, entry), {}])
     return [(entry, default, routes) for entry, (default, routes) in plan.items()]
+
+
+def socket_key(entry):
+    """What makes two listening sockets the same one (reload reuses it)."""
+    return (entry.family, entry.host, entry.port)
+
+
+def open_sockets(plan, existing=None):
+    """{socket_key: listening socket} for a plan, reusing `existing` ones
+    (a reload keeps its ports open); OSError names the failing address."""
+    sockets = {}
+    for entry, _, _ in plan:
+        key = socket_key(entry)
+        if existing and key in existing:
+            sockets[key] = existing[key]
+            continue
+        try:
+            sockets[key] = open_socket(entry)
+        except OSError as exc:
+            for sock in sockets.values():
+                if not existing or sock not in existing.values():
+                    sock.close()
+            raise OSError(exc.errno, f"bind() to {entry.name} failed "
+                                     f"({exc.errno}: {exc.strerror})") from None
+    return sockets
+
+
+def open_socket(entry):
+    """A listening socket with the `listen` parameters applied."""
+    proto = socket.IPPROTO_MPTCP if entry.multipath else 0
+    sock = socket.socket(entry.family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if entry.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(entry.ipv6only))
+        if entry.rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, entry.rcvbuf)
+        if entry.sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, entry.sndbuf)
+        _set_keepalive(sock, entry.so_keepalive)
+        sock.bind((entry.host, entry.port))
+        sock.listen(entry.backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _set_keepalive(sock, setting):
@@ -285,8 +335,33 @@ def _set_keepalive(sock, setting):
                 sock.setsockopt(socket.IPPROTO_TCP, option, int(value))
 
 
+def run_worker(config, sockets):
+    """A worker process under the master: set up as root (logs, keys,
+    limits), then drop privileges, then serve the inherited sockets."""
+    if config.rlimit_nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
+    worker = Worker(config, single=False)
+    drop_privileges(config.user)
+    worker.open(sockets)
+    worker.install_signals()
+    return worker.serve()
+
+
+def drop_privileges(user):
+    """`user name [group];`: only root can, and must, give its rights away."""
+    if user is None or os.geteuid() != 0:
+        return
+    name, group = user
+    account = pwd.getpwnam(name)
+    os.setgroups([])
+    os.setgid(grp.getgrnam(group).gr_gid if group else account.pw_gid)
+    os.setuid(account.pw_uid)
+
+
 def run(config):
     """Open the listeners and serve until a signal; the process's exit status."""
+    if config.rlimit_nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
     worker = Worker(config)
     try:
         worker.open()

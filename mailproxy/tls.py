@@ -27,10 +27,23 @@ import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from .auth_http import escape
 
 CHUNK = 65536           # raw bytes per recv: up to four full TLS records
+# OpenSSL's short names where RFC 4514 has none: nginx prints DNs with
+# X509_NAME_print_ex(XN_FLAG_RFC2253), and auth services match that text.
+OPENSSL_NAMES = {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.SERIAL_NUMBER: "serialNumber",
+                 NameOID.STREET_ADDRESS: "street", NameOID.GIVEN_NAME: "GN",
+                 NameOID.SURNAME: "SN", NameOID.TITLE: "title",
+                 NameOID.POSTAL_CODE: "postalCode", NameOID.PSEUDONYM: "pseudonym",
+                 NameOID.INITIALS: "initials", NameOID.DN_QUALIFIER: "dnQualifier",
+                 NameOID.GENERATION_QUALIFIER: "generationQualifier",
+                 NameOID.BUSINESS_CATEGORY: "businessCategory",
+                 NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC",
+                 NameOID.UNSTRUCTURED_NAME: "unstructuredName",
+                 NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier"}
 
 
 class TlsChannel:
@@ -239,12 +252,14 @@ def _ciphers(context, ciphers, directive):
 
 
 def _passwords(path):
-    """ssl_password_file: one passphrase per line, tried in turn."""
+    """ssl_password_file: one passphrase per line, tried in turn.  Without
+    one, an empty passphrase: with None OpenSSL would ask on the terminal,
+    which nginx never does."""
     if not path:
-        return [None]
+        return [""]
     try:
         with open(path, encoding="utf-8") as file:
-            return [line.rstrip("\r\n") for line in file if line.rstrip("\r\n")] or [None]
+            return [line.rstrip("\r\n") for line in file if line.rstrip("\r\n")] or [""]
     except OSError as exc:
         raise TlsSetupError("ssl_password_file", f'open() "{path}" failed ({exc.strerror})') \
             from None
@@ -294,13 +309,30 @@ def describe_certificate(der, pass_cert=False):
     """Subject, Issuer (RFC 2253/4514), Serial (hex), Fingerprint (SHA-1),
     and with auth_http_pass_client_cert the PEM (escaped by auth_http)."""
     cert = x509.load_der_x509_certificate(der)
-    headers = [("Auth-SSL-Subject", cert.subject.rfc4514_string()),
-               ("Auth-SSL-Issuer", cert.issuer.rfc4514_string()),
-               ("Auth-SSL-Serial", format(cert.serial_number, "X")),
+    headers = [("Auth-SSL-Subject", _rfc2253(cert.subject)),
+               ("Auth-SSL-Issuer", _rfc2253(cert.issuer)),
+               ("Auth-SSL-Serial", _serial(cert.serial_number)),
                ("Auth-SSL-Fingerprint", hashlib.sha1(der).hexdigest())]
     if pass_cert:
         headers.append(("Auth-SSL-Cert", escape(ssl.DER_cert_to_PEM_cert(der).encode())))
     return headers
+
+
+def _rfc2253(name):
+    """A DN as OpenSSL prints it for nginx: RFC 4514 order and escapes,
+    OpenSSL's attribute names, and each byte of a control or non-ASCII
+    character as \\XX (ASN1_STRFLGS_ESC_CTRL | ESC_MSB), so the header
+    is plain ASCII whatever the certificate holds."""
+    text = name.rfc4514_string(OPENSSL_NAMES)
+    return "".join(char if " " <= char < "\x7f" else
+                   "".join(f"\\{byte:02X}" for byte in char.encode()) for char in text)
+
+
+def _serial(number):
+    """The serial as OpenSSL prints it (i2a_ASN1_INTEGER): upper-case hex,
+    two digits per byte, so 0xABCDE is "0ABCDE" as nginx sends it."""
+    digits = format(number, "X")
+    return digits.zfill(len(digits) + len(digits) % 2)
 
 
 def backend_context(config):

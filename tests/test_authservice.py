@@ -14,7 +14,6 @@ import base64
 import hashlib
 import hmac
 import http.client
-import os
 import re
 import signal
 import socket
@@ -41,9 +40,9 @@ STOP_TIMEOUT = 10           # seconds for it to exit after a signal
 POLL = 0.05                 # seconds: serve_forever checks for shutdown this often
 SALT = "<1896.697170952@postoffice.example.net>"     # RFC 1939 7's APOP timestamp
 
-# joe and jörg keep clear text (they may use CRAM-MD5 and APOP); ann's
-# password "pa ss word" is hashed (the fixture puts it for ANN); pct's
-# password "100% sure" needs the base64 form.
+# joe and jörg keep clear text (they may use CRAM-MD5 and APOP).  The
+# fixture writes ann's scrypt hash of "pa ss word" in place of ANN, and
+# pct's "100% sure" in place of PCT ({PLAIN-B64}: it holds a space).
 USERS = """\
 # login  password  backends
 joe   {PLAIN}secret  imap=127.0.0.1:1143 pop3=127.0.0.1:1110 smtp=127.0.0.1:1025
@@ -317,21 +316,27 @@ def test_ipv6_backend_and_a_user_without_backends(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("joe", "expected 'login password [backends]'"),
-    ("joe {PLAIN}x imap", "expected key=value, got 'imap'"),
-    ("joe {PLAIN}x imap=127.0.0.1", "bad backend '127.0.0.1'"),
-    ("joe {PLAIN}x imap=127.0.0.1:", "bad backend '127.0.0.1:'"),
-    ("joe {PLAIN}x ldap=127.0.0.1:389", "unknown key 'ldap'"),
-    ("joe secret imap=127.0.0.1:143", "unknown password scheme"),
-    ("joe {MD5}5ebe2294ecd0e0f08eab7690d2a6ee69", "unknown password scheme"),
-    ("joe {PLAIN-B64}not*base64", "bad {PLAIN-B64} password"),
+    ("joe {PLAIN}s3cr3t imap", "expected key=value, got 'imap'"),
+    ("joe {PLAIN}s3cr3t imap=127.0.0.1", "bad backend '127.0.0.1': expected IP:PORT"),
+    ("joe {PLAIN}s3cr3t imap=127.0.0.1:", "bad backend '127.0.0.1:'"),
+    ("joe {PLAIN}s3cr3t imap=127.0.0.1:65536", "bad backend '127.0.0.1:65536'"),
+    ("joe {PLAIN}s3cr3t imap=127.0.0.1:\N{SUPERSCRIPT TWO}", "bad backend"),
+    ("joe {PLAIN}s3cr3t imap=localhost:143", "bad backend 'localhost:143': expected IP:PORT"),
+    ("joe {PLAIN}s3cr3t ldap=127.0.0.1:389", "unknown key 'ldap'"),
+    ("joe s3cr3t imap=127.0.0.1:143", "unknown password scheme"),
+    ("joe {MD5}s3cr3t", "unknown password scheme"),
+    ("joe {PLAIN-B64}s3cr3t*", "bad {PLAIN-B64} password"),
+    ("joe " + plain_secret("s3cr3t\r\nAuth-Status: OK"), "control characters"),
 ])
 def test_users_file_errors_name_the_file_and_line(tmp_path, line, message):
+    """...and never quote a password."""
     path = tmp_path / "users.conf"
-    path.write_text(f"# users\nann {{PLAIN}}x imap=127.0.0.1:143\n{line}\n")
+    path.write_text(f"# users\nann {{PLAIN}}x imap=127.0.0.1:143\n{line}\n", encoding="utf-8")
     with pytest.raises(UsersFileError) as info:
         parse_users(path)
     assert str(info.value).startswith(f"{path}:3: ")
     assert message in str(info.value)
+    assert "s3cr3t" not in str(info.value)
 
 
 def test_plain_secret_forms(tmp_path):
@@ -339,8 +344,10 @@ def test_plain_secret_forms(tmp_path):
     assert plain_secret("pa ss") == "{PLAIN-B64}" + base64.b64encode(b"pa ss").decode()
     assert plain_secret("a#b") == "{PLAIN-B64}" + base64.b64encode(b"a#b").decode()
     path = tmp_path / "users.conf"
-    path.write_text(f"u {plain_secret('pa ss#wörd')}\n", encoding="utf-8")
+    odd = "no\N{NO-BREAK SPACE}break"
+    path.write_text(f"u {plain_secret('pa ss#wörd')}\nv {plain_secret(odd)}\n", encoding="utf-8")
     assert parse_users(path)["u"].clear_text == "pa ss#wörd"
+    assert parse_users(path)["v"].clear_text == odd
 
 
 def test_hash_password_is_salted_scrypt_that_a_login_verifies(tmp_path, ann_secret):

@@ -1,0 +1,192 @@
+"""The master process, as an operator meets it: the real CLI in a subprocess.
+
+`worker_processes 2` makes `python mailproxy.py -c CONF` a master with two
+workers.  These tests watch the process tree in /proc, kill a worker and
+see it replaced, reload with a changed capability list while an IMAP
+session relays (no byte lost), reload with a broken config (the old one
+keeps serving), stop gracefully with a session open, and reopen logs on
+SIGUSR1 after the log file was moved.
+"""
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fakes import ScriptedAuthService, ScriptedBackend, ok
+from harness import Client, free_port, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
+         ("send", b"+ go\r\n"), ("expect", b"joe {6}\r\n"), ("send", b"+ go\r\n"),
+         ("expect", b"secret\r\n"), ("send", b"a OK logged in\r\n"), ("echo",)]
+CONFIG = """\
+worker_processes 2;
+error_log {log} info;
+pid {pid};
+mail {{
+    auth_http {auth};
+    server {{ listen 127.0.0.1:{port}; protocol imap; imap_capabilities {caps}; }}
+}}
+"""
+
+
+class Master:
+    """`python mailproxy.py -c CONF` with two workers, and its children."""
+
+    def __init__(self, tmp_path, auth_url, caps="IMAP4rev1 FIRST"):
+        self.tmp = tmp_path
+        self.port = free_port()
+        self.log_path = tmp_path / "error.log"
+        self.pid_path = tmp_path / "mailproxy.pid"
+        self.conf = tmp_path / "mail.conf"
+        self.auth = auth_url
+        self.write(caps)
+        self.process = subprocess.Popen([sys.executable, "mailproxy.py", "-c", str(self.conf)],
+                                        cwd=ROOT, stderr=subprocess.PIPE)
+        assert wait_until(lambda: len(self.workers()) == 2 and self.accepts(), timeout=10), \
+            self.log()
+
+    def write(self, caps):
+        self.conf.write_text(CONFIG.format(log=self.log_path, pid=self.pid_path,
+                                           auth=self.auth, port=self.port, caps=caps))
+
+    def workers(self):
+        children = f"/proc/{self.process.pid}/task/{self.process.pid}/children"
+        try:
+            with open(children) as file:
+                return [int(pid) for pid in file.read().split()]
+        except OSError:
+            return []
+
+    def accepts(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def signal(self, signo):
+        os.kill(self.process.pid, signo)
+
+    def log(self):
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+@pytest.fixture
+def peers():
+    backend = ScriptedBackend(LOGIN)
+    auth = ScriptedAuthService(ok("127.0.0.1", backend.port))
+    yield auth, backend
+    auth.close()
+    backend.close()
+
+
+@pytest.fixture
+def master(tmp_path, peers):
+    auth, _ = peers
+    running = Master(tmp_path, auth.url[len("http://"):])
+    yield running
+    running.stop()
+
+
+def capability(port):
+    with Client(port) as client:
+        client.line()
+        client.send(b"a CAPABILITY\r\n")
+        return client.line()
+
+
+def logged_in(port):
+    client = Client(port)
+    assert client.line() == b"* OK IMAP4 ready\r\n"
+    client.send(b"a LOGIN joe secret\r\n")
+    assert client.line() == b"a OK logged in\r\n"
+    return client
+
+
+def echo_exactly(client, size):
+    """Send `size` random bytes through the relay; the echo must match."""
+    payload = os.urandom(size)
+    client.send(payload)
+    assert hashlib.sha256(client.read(size)).digest() == hashlib.sha256(payload).digest()
+
+
+def test_two_workers_and_a_master_that_serves_nothing(master):
+    workers = master.workers()
+    assert len(workers) == 2 and master.process.pid not in workers
+    assert int(master.pid_path.read_text()) == master.process.pid
+    assert capability(master.port) == b"* CAPABILITY IMAP4rev1 FIRST AUTH=PLAIN\r\n"
+
+
+def test_a_dead_worker_is_replaced(master):
+    victim = master.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: len(master.workers()) == 2 and victim not in master.workers(),
+                      timeout=10)
+    assert f"worker process {victim} exited with code -9, starting a new one" in master.log()
+    assert capability(master.port).startswith(b"* CAPABILITY")
+
+
+def test_reload_keeps_a_relayed_session_byte_exact(master):
+    """The reload drill: a session in relay keeps flowing, new sessions see
+    the new configuration, old workers leave once their sessions end."""
+    old_workers = set(master.workers())
+    client = logged_in(master.port)
+    echo_exactly(client, 256 * 1024)
+    master.write("IMAP4rev1 SECOND")
+    master.signal(signal.SIGHUP)
+    assert wait_until(lambda: len(set(master.workers()) - old_workers) == 2, timeout=10)
+    assert wait_until(lambda: capability(master.port) ==
+                      b"* CAPABILITY IMAP4rev1 SECOND AUTH=PLAIN\r\n", timeout=10)
+    echo_exactly(client, 4 * 1024 * 1024)       # the old worker still relays it
+    client.send(b"z LOGOUT\r\n")
+    assert client.line() == b"z LOGOUT\r\n"     # the backend echoes
+    client.close()
+    assert wait_until(lambda: not old_workers & set(master.workers()), timeout=10)
+
+
+def test_reload_with_a_broken_config_keeps_the_old_one(master):
+    workers = set(master.workers())
+    master.conf.write_text(master.conf.read_text().replace("protocol imap;", "protocol imap"))
+    master.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload failed, keeping the old configuration" in master.log())
+    assert set(master.workers()) == workers
+    assert capability(master.port) == b"* CAPABILITY IMAP4rev1 FIRST AUTH=PLAIN\r\n"
+
+
+def test_graceful_quit_waits_for_the_open_session(master):
+    client = logged_in(master.port)
+    master.signal(signal.SIGQUIT)
+    assert wait_until(lambda: not master.accepts(), timeout=10)
+    echo_exactly(client, 64 * 1024)             # still relaying while stopping
+    assert master.process.poll() is None
+    client.close()
+    assert master.process.wait(timeout=15) == 0
+    assert not master.pid_path.exists()
+
+
+def test_usr1_reopens_the_log_after_it_was_moved(master):
+    moved = master.tmp / "error.log.1"
+    os.rename(master.log_path, moved)
+    master.signal(signal.SIGUSR1)
+    assert wait_until(lambda: master.log_path.exists(), timeout=10)
+    capability(master.port)
+    with logged_in(master.port):
+        pass
+    assert wait_until(lambda: "client logged in" in master.log(), timeout=10)
+    assert "reopening logs" in moved.read_text()
