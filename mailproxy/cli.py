@@ -127,6 +127,7 @@ def auth_service(ctx, users_path, listen):
         _say(f"[emerg] {exc}")
         ctx.exit(1)
     _say(f"auth service for {users_path} listening on {listen}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # stop cleanly, as on Ctrl-C
     try:
         authservice.serve(users_path, host.strip("[]") or "127.0.0.1", int(port))
     except KeyboardInterrupt:
@@ -142,7 +143,11 @@ def auth_service(ctx, users_path, listen):
 def passwd(users_path, login, plain, password):
     """Add LOGIN to the users file or change its password."""
     from . import authservice
-    authservice.set_password(users_path, login, password, plain=plain)
+    try:
+        authservice.set_password(users_path, login, password, plain=plain)
+    except (OSError, ValueError) as exc:
+        _say(f"[emerg] {exc}")
+        raise SystemExit(1) from None
     _say(f'password for "{login}" written to {users_path}')
 
 
