@@ -31,9 +31,10 @@ class BackendError(Exception):
         self.reply = reply
 
 
-def connect(server, port, timeout, tls=None):
+def connect(server, port, timeout, tls=None, proxy_header=b""):
     """A Stream to the backend whose deadline covers connect + login;
-    with `proxy_ssl` (tls.implicit) the TLS handshake too."""
+    with `proxy_ssl` (tls.implicit) the TLS handshake too.  A PROXY header
+    (`proxy_protocol on|v2`) is the first thing sent (spec 4.7)."""
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((server, port), timeout=timeout)
@@ -42,11 +43,28 @@ def connect(server, port, timeout, tls=None):
     except OSError as exc:
         raise BackendError(f"connect() failed ({exc.errno}: {exc.strerror})") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if proxy_header:
+        send_proxy_header(sock, proxy_header)
     stream = Stream(sock)
     stream.deadline = deadline
     if tls and tls.implicit:
         start_tls(stream, tls, server)
     return stream
+
+
+def send_proxy_header(sock, header):
+    """One send() on the fresh socket, which the kernel must take whole: a
+    header split over two writes is an error in nginx (spec 4.7), and a
+    backend reading it in pieces could take it for two."""
+    try:
+        sent = sock.send(header)
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"could not send PROXY protocol header ({exc.strerror or exc})") \
+            from None
+    if sent != len(header):
+        sock.close()
+        raise BackendError("could not send PROXY protocol header at once")
 
 
 def start_tls(stream, tls, address):
@@ -80,6 +98,8 @@ def read_reply(stream, limit):
         raise BackendError("upstream prematurely closed connection") from None
     except TimeoutError:
         raise BackendError("upstream timed out") from None
+    except ssl.SSLError as exc:     # not the client's: the session would blame it
+        raise BackendError(f"upstream SSL error ({exc.reason or exc})") from None
 
 
 def send(stream, data):
@@ -148,6 +168,10 @@ def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=
     """USER then PASS, whatever the client used (spec 4.3); returns the
     backend's final +OK line for the client.  `starttls`: STLS first
     (RFC 2595 4, beyond nginx)."""
+    if b"\r" in login + password or b"\n" in login + password:
+        # Only SASL can carry them here; replayed, the rest of the line
+        # would run as a second command on the backend.
+        raise BackendError("login or password holds CR or LF, which USER/PASS cannot carry")
     step("reading response from upstream")
     expect(read_reply(stream, limit), b"+OK")
     if starttls:

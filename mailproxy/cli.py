@@ -5,6 +5,7 @@
     mailproxy -T -c mail.conf       test it and print the effective settings
     mailproxy -s quit               signal the running proxy (pid file)
     mailproxy -v | -V               version (and build details)
+    mailproxy -c mail.conf --trace  run, tracing every session (trace.py)
 
 Exit status: 0 ok, 1 configuration or start-up error, 2 usage error.  This
 is the only module that imports click; everything it calls is plain Python.
@@ -28,13 +29,23 @@ def _say(text):
     click.echo(f"mailproxy: {text}", err=True)
 
 
-def _load(path, prefix, directives):
-    """The Config, or None after printing nginx's [emerg] line."""
+def _read(path, prefix, directives, trace):
+    """The Config; `--trace` is `trace on;` in every server."""
+    config = configmod.load(path, prefix=prefix, extra=directives)
+    return configmod.override(config, "trace", ["on"]) if trace else config
+
+
+def _load(path, prefix, directives, trace=False):
+    """The Config (its [warn] lines printed), or None after printing
+    nginx's [emerg] line."""
     try:
-        return configmod.load(path, prefix=prefix, extra=directives)
+        config = _read(path, prefix, directives, trace)
     except configmod.ConfigError as exc:
         _say(f"[emerg] {exc}")
         return None
+    for warning in config.warnings:
+        _say(f"[warn] {warning}")
+    return config
 
 
 @click.group(invoke_without_command=True,
@@ -51,8 +62,11 @@ def _load(path, prefix, directives):
               help="Send a signal to the running proxy (its pid file).")
 @click.option("-v", "version", is_flag=True, help="Show the version and exit.")
 @click.option("-V", "build", is_flag=True, help="Show the version and build details.")
+@click.option("--trace", "trace", is_flag=True,
+              help="Log every session's lines before login, secrets hidden "
+                   "(as 'trace on;' in every server; needs error_log at info).")
 @click.pass_context
-def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build):
+def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build, trace):
     """An IMAP, POP3 and SMTP proxy configured like nginx's mail module."""
     if ctx.invoked_subcommand:
         return
@@ -65,7 +79,7 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build)
             return
     path = os.path.abspath(conf if os.path.isabs(conf) or not prefix
                            else os.path.join(prefix, conf))
-    config = _load(path, prefix, directives)
+    config = _load(path, prefix, directives, trace)
     if test or dump:
         ctx.exit(_report_test(config, path, dump))
     if config is None:
@@ -73,7 +87,7 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build)
     if signal_name:
         ctx.exit(_send_signal(config, signal_name))
     if config.worker_processes > 1:
-        ctx.exit(master.Master(config, lambda: configmod.load(path, prefix, directives)).run())
+        ctx.exit(master.Master(config, lambda: _read(path, prefix, directives, trace)).run())
     ctx.exit(server.run(config))
 
 
@@ -81,6 +95,10 @@ def _report_test(config, path, dump):
     if config is None:
         _say(f"configuration file {path} test failed")
         return 1
+    for server in config.servers:
+        if dump and not (server.proxy_ssl or server.proxy_starttls):
+            _say(f"[warn] the server at {server.where} sends passwords to its backends in "
+                 "clear text (no proxy_ssl or proxy_starttls): keep them on loopback")
     _say(f"the configuration file {path} syntax is ok")
     _say(f"configuration file {path} test is successful")
     if dump:

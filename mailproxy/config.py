@@ -58,6 +58,7 @@ class Level:
         self.context = context
         self.where = where
         self.settings = {}
+        self.warnings = []      # nginx's [warn] lines: "text in file:line"
 
     def set(self, row, args, where):
         try:
@@ -66,6 +67,9 @@ class Level:
             raise ConfigError(f'{exc} in "{row.name}" directive', where) from None
         if row.name == "listen":
             value = tuple(replace(entry, where=str(where)) for entry in value)
+        warning = row.warn(args) if row.warn else None
+        if warning:
+            self.warnings.append(f"{warning} in {where}")
         old = self.settings.get(row.name)
         if row.repeat and old:
             value, args = old.value + value, old.args + (tuple(args),)
@@ -106,6 +110,8 @@ class Config:
     user: tuple = None          # (user, group) for worker processes, or None
     rlimit_nofile: int = None
     shutdown_timeout: float = 0     # 0: a graceful stop waits for ever
+    status_listen: object = None    # a Listen entry for the status endpoint, or None
+    warnings: tuple = ()            # "text in file:line", for the CLI to print as [warn]
 
     def resolve(self, path):
         """A path from the file, made absolute against the prefix (-p)."""
@@ -125,6 +131,16 @@ def load(path, prefix=None, extra=None):
     return _build(path, prefix, levels)
 
 
+def override(config, name, args):
+    """`config` with `name args;` said in every server (the CLI's `--trace`
+    is `trace on;` everywhere, over what the file says)."""
+    row = d.TABLE[name]
+    setting = Setting(row.parse(args), tuple(args), Where(COMMAND_LINE, 0))
+    servers = tuple(ServerConfig({**server.settings, name: setting}, server.listens,
+                                 server.protocol, server.where) for server in config.servers)
+    return replace(config, servers=servers)
+
+
 # ----------------------------------------------------------------- reading
 
 def _parse_file(path):
@@ -135,6 +151,9 @@ def _parse_file(path):
         exc = error["callback"]
         if isinstance(exc, crossplane.errors.NgxParserBaseException):
             raise ConfigError(exc.strerror, Where(exc.filename, exc.lineno))
+        if isinstance(exc, StopIteration):  # crossplane's lexer ran out inside a directive
+            raise ConfigError('unexpected end of file, expecting ";" or "}"',
+                              Where(error["file"], _line_count(error["file"])))
         where = Where(error["file"], error["line"]) if error["line"] else None
         if isinstance(exc, OSError):
             raise ConfigError(f'open() "{exc.filename}" failed ({exc.errno}: {exc.strerror})',
@@ -156,6 +175,13 @@ def _check_terminators(path):
                 (previous[1] or previous[0] not in (";", "{", "}")):
             raise ConfigError('unexpected "}"', Where(path, line))
         previous = (token, quoted)
+
+
+def _line_count(path):
+    """The number of the file's last line, where nginx reports an
+    unexpected end of file."""
+    with open(path, "rb") as file:
+        return file.read().count(b"\n") + 1
 
 
 def _parse_text(text):
@@ -289,7 +315,10 @@ def _build(path, prefix, levels):
         pid=_effective("pid", main).value, servers=servers,
         user=_user(main.settings.get("user")),
         rlimit_nofile=_effective("worker_rlimit_nofile", main).value,
-        shutdown_timeout=shutdown.value)
+        shutdown_timeout=shutdown.value,
+        status_listen=_effective("status_listen", main).value,
+        warnings=tuple(warning for level in (main, mail, *levels["servers"])
+                       for warning in level.warnings))
 
 
 def _user(setting):
@@ -348,6 +377,11 @@ def _check_tls(server):
     if server.proxy_ssl and server.proxy_starttls:
         raise ConfigError('"proxy_ssl" and "proxy_starttls" cannot both be on',
                           settings["proxy_starttls"].where)
+    if not (server.proxy_ssl or server.proxy_starttls):
+        for name, setting in settings.items():
+            if name.startswith("proxy_ssl_") and setting.value != _default(d.TABLE[name]).value:
+                raise ConfigError(f'"{name}" has no effect without "proxy_ssl on" or '
+                                  '"proxy_starttls on"', setting.where)
     try:
         if users:
             tls.server_context(server)
@@ -392,11 +426,6 @@ def _refuse_later(*levels):
                                   setting.where)
             raise ConfigError(f'"{name}" directive is not supported ({row.note}); '
                               "see docs/directives.md", setting.where)
-        for entry in level.settings.get("listen", Setting((), ())).value:
-            if entry.proxy_protocol:
-                raise ConfigError('the "proxy_protocol" parameter of "listen" is not '
-                                  "implemented yet (PROXY protocol arrives with a later "
-                                  "release)", entry.where)
 
 
 def _check_duplicate_listens(servers):
@@ -419,6 +448,7 @@ def dump(config):
     lines += [f"error_log {dest} {level};" for dest, level in config.error_logs]
     if config.pid:
         lines.append(f"pid {config.pid};")
+    lines.append(f"status_listen {config.status_listen.name if config.status_listen else 'off'};")
     lines += ["events {", f"    worker_connections {config.worker_connections};", "}",
               "mail {"]
     for server in config.servers:

@@ -21,6 +21,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from .trace import Rule
+
 # Statuses.  "later" directives are parsed and validated now, but a config
 # that uses them is refused with a clear error until the feature exists.
 # "gap" directives are nginx behaviour Python's ssl module cannot express:
@@ -34,6 +36,9 @@ PROTOCOLS_READY = ("imap", "pop3", "smtp")
 PROTOCOL_BY_PORT = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
                     25: "smtp", 465: "smtp", 587: "smtp"}
 DEFAULT_BACKLOG = 511       # nginx's NGX_LISTEN_BACKLOG on Linux
+UNIX_PREFIX = "unix:"
+MAX_UNIX_PATH = 107         # sizeof(sun_path) - 1 on Linux: the path and its NUL must fit
+TCP_ONLY_PARAMS = ("ipv6only", "multipath", "so_keepalive")   # meaningless on unix: sockets
 
 _TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400,
                "w": 604800, "M": 2592000, "y": 31536000}
@@ -155,13 +160,108 @@ def worker_processes(args):
 
 
 def error_log(args):
-    if args[0].startswith("syslog:"):
-        raise BadValue("syslog destinations are not implemented yet "
-                       "(they arrive with a later release)")
-    level = args[1] if len(args) > 1 else "error"
-    if level not in LEVELS:
+    """`error_log file|stderr|syslog:... [level]` -> ((destination, level),).
+    A syslog destination's `severity=` is its level when no level is given."""
+    dest = syslog(args[0]) if args[0].startswith("syslog:") else args[0]
+    level = args[1] if len(args) > 1 else None
+    if level is not None and level not in LEVELS:
         raise BadValue(f'invalid value "{level}"')
-    return ((args[0], level),)
+    severity = getattr(dest, "severity", None)
+    if level and severity and level != severity:
+        raise BadValue(f'level "{level}" and "severity={severity}" disagree')
+    return ((dest, level or severity or "error"),)
+
+
+# ------------------------------------------------------------------ syslog
+
+# RFC 3164 4.1.1 facility codes, in order, with nginx's names ("intern" is
+# syslogd's own, code 5).
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "intern", "lpr", "news",
+                     "uucp", "clock", "authpriv", "ftp", "ntp", "audit", "alert", "cron",
+                     "local0", "local1", "local2", "local3", "local4", "local5", "local6",
+                     "local7")
+SYSLOG_PORT = 514
+SYSLOG_TAG = re.compile(r"[A-Za-z0-9_]{1,32}")     # nginx: alphanumerics and _, 32 at most
+
+
+@dataclass(frozen=True)
+class Syslog:
+    """An `error_log syslog:...` destination, its server address resolved
+    now (as nginx does at start-up).  str() is the text of the config."""
+    family: int                 # AF_INET, AF_INET6 or AF_UNIX (datagrams)
+    address: object             # a sockaddr tuple, or the socket path
+    facility: int = SYSLOG_FACILITIES.index("local7")
+    severity: str = None        # the severity= parameter, if given
+    tag: str = "mailproxy"      # nginx's default is "nginx"
+    hostname: bool = True       # False with `nohostname`
+    text: str = field(default="", compare=False)
+
+    def __str__(self):
+        return self.text
+
+
+def syslog(text):
+    """`syslog:server=ADDR[:PORT][,facility=F][,severity=S][,tag=T][,nohostname]`."""
+    options, hostname = {}, True
+    for param in text[len("syslog:"):].split(","):
+        name, eq, value = param.partition("=")
+        if param == "nohostname":
+            hostname = False
+        elif eq and name in ("server", "facility", "severity", "tag"):
+            if name in options:
+                raise BadValue(f'duplicate syslog "{name}"')
+            options[name] = value
+        else:
+            raise BadValue(f'unknown syslog parameter "{param}"')
+    if "server" not in options:
+        raise BadValue("no syslog server specified")
+    facility = options.get("facility", "local7")
+    if facility not in SYSLOG_FACILITIES:
+        raise BadValue(f'unknown syslog facility "{facility}"')
+    severity = options.get("severity")
+    if severity is not None and severity not in LEVELS:
+        raise BadValue(f'unknown syslog severity "{severity}"')
+    tag = options.get("tag", "mailproxy")
+    if not SYSLOG_TAG.fullmatch(tag):
+        raise BadValue(f'syslog "tag" "{tag}" must be 1-32 letters, digits or "_"')
+    family, address = _syslog_address(options["server"])
+    return Syslog(family, address, SYSLOG_FACILITIES.index(facility), severity, tag,
+                  hostname, text)
+
+
+def _syslog_address(text):
+    """`unix:/dev/log`, `host`, `host:port`, `[v6]:port` -> (family, address)."""
+    if text.startswith("unix:"):
+        if not text[len("unix:"):].startswith("/"):
+            raise BadValue(f'invalid syslog server "{text}"')
+        return socket.AF_UNIX, text[len("unix:"):]
+    host, port = split_host_port(text, default_port=SYSLOG_PORT)
+    if not host or (":" in host and not text.startswith("[")):     # IPv6 needs [ ]
+        raise BadValue(f'invalid syslog server "{text}"')
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_DGRAM)
+    except socket.gaierror:
+        raise BadValue(f'host not found in syslog server "{text}"') from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def trace(args):
+    """`trace off|on|CIDR...|login:NAME...` -> None (off) or a trace.Rule:
+    every session, or those from the networks or with the logins listed."""
+    if args in (["off"], ["on"]):
+        return Rule(everyone=True) if args == ["on"] else None
+    networks, logins = [], []
+    for arg in args:
+        if arg.startswith("login:") and len(arg) > len("login:"):
+            logins.append(arg[len("login:"):].encode())
+            continue
+        try:
+            networks.append(ipaddress.ip_network(arg, strict=False))
+        except ValueError:
+            raise BadValue(f'invalid value "{arg}", expected on, off, an address or '
+                           'CIDR, or login:NAME') from None
+    return Rule(networks=tuple(networks), logins=tuple(logins))
 
 
 def resolver(args):
@@ -197,6 +297,43 @@ def auth_http_url(args):
     if not host:
         raise BadValue(f'invalid URL "{url}"')
     return (host, port, "/" + uri if slash else "/")
+
+
+def real_ip_from(args):
+    """`set_real_ip_from address|CIDR|hostname|unix:` -> a tuple of trusted
+    peers: ipaddress networks, or "unix:" for every unix-domain peer.  A
+    host name is resolved now, into one /32 or /128 per address (spec 1.5);
+    a CIDR keeps only its network bits (see low_address_bits)."""
+    text = args[0]
+    if text == UNIX_PREFIX:
+        return (UNIX_PREFIX,)
+    try:
+        return (ipaddress.ip_network(text, strict=False),)
+    except ValueError:
+        pass
+    if "/" in text:
+        raise BadValue(f'invalid network "{text}"')
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise BadValue(f'host not found in "{text}"') from None
+    networks = []
+    for family, _, _, _, sockaddr in infos:
+        network = ipaddress.ip_network(sockaddr[0].partition("%")[0])
+        if family in (socket.AF_INET, socket.AF_INET6) and network not in networks:
+            networks.append(network)
+    return tuple(networks)
+
+
+def low_address_bits(args):
+    """nginx's warning for `set_real_ip_from 10.1.2.3/8`: the host bits are
+    dropped, so the line does not mean what it seems to."""
+    try:
+        ipaddress.ip_network(args[0], strict=True)
+    except ValueError:
+        if "/" in args[0]:
+            return f"low address bits of {args[0]} are meaningless"
+    return None
 
 
 def pair(args):
@@ -235,7 +372,9 @@ class Listen:
 
     @property
     def name(self):
-        """addr:port as nginx logs it."""
+        """addr:port as nginx logs it; "unix:/path" for a unix: socket."""
+        if self.family == socket.AF_UNIX:
+            return UNIX_PREFIX + self.host
         host = f"[{self.host}]" if self.family == socket.AF_INET6 else self.host
         return f"{host}:{self.port}"
 
@@ -322,10 +461,23 @@ _LISTEN_PARAMS = {
 
 def listen(args):
     """`listen address:port [params]` -> a tuple of Listen entries."""
-    if args[0].startswith("unix:"):
-        raise BadValue("unix: listen sockets are not implemented yet")
+    options = _listen_options(args[1:])
+    if args[0].startswith(UNIX_PREFIX):
+        return (_unix_listen(args, options),)
+    addr, ports = _listen_ports(args[0])
+    entries = []
+    for port in ports:
+        for family, host in _resolve(addr, port):
+            entry = Listen(host, port, family, text=" ".join(args), **options)
+            if entry not in entries:
+                entries.append(entry)
+    return tuple(entries)
+
+
+def _listen_options(params):
+    """The listen parameters -> Listen keyword arguments."""
     options = {}
-    for param in args[1:]:
+    for param in params:
         name, eq, value = param.partition("=")
         if eq and name in _LISTEN_PARAMS:
             key, parsed = _LISTEN_PARAMS[name](value)
@@ -337,14 +489,32 @@ def listen(args):
                 options["bind"] = True
         else:
             raise BadValue(f'invalid parameter "{param}"')
-    addr, ports = _listen_ports(args[0])
-    entries = []
-    for port in ports:
-        for family, host in _resolve(addr, port):
-            entry = Listen(host, port, family, text=" ".join(args), **options)
-            if entry not in entries:
-                entries.append(entry)
-    return tuple(entries)
+    return options
+
+
+def _unix_listen(args, options):
+    """`listen unix:/path [params]`: a unix-domain socket (nginx 1.3.5).
+    Its "port" is 0 and its name in the logs is "unix:/path"."""
+    path = args[0][len(UNIX_PREFIX):]
+    if not path:
+        raise BadValue(f'no path in the unix domain socket "{args[0]}"')
+    if len(path.encode()) > MAX_UNIX_PATH:
+        raise BadValue(f'too long path in the unix domain socket "{args[0]}"')
+    for name in TCP_ONLY_PARAMS:
+        if name in options:
+            raise BadValue(f'"{name}" is not supported on the unix domain socket "{args[0]}"')
+    return Listen(path, 0, socket.AF_UNIX, text=" ".join(args), **options)
+
+
+def status_listen(args):
+    """`status_listen off | [address:]port` -> a Listen entry, or None.  A
+    bare port means 127.0.0.1: the status page is private unless the
+    configuration names another address."""
+    if args[0] == "off":
+        return None
+    host, port = split_host_port(args[0])
+    family, numeric = _resolve(host or "127.0.0.1", port)[0]
+    return Listen(numeric, port, family, text=args[0])
 
 
 # ------------------------------------------------------------------- table
@@ -354,7 +524,8 @@ class Directive:
     """One row of the table.
 
     `nargs` is (min, max), max None for "any number".  `parse` turns the
-    argument list into the value.  `repeat` is True for list directives:
+    argument list into the value; `warn`, if set, returns the text of an
+    nginx `[warn]` about the arguments, or None.  `repeat` is True for list directives:
     each occurrence appends at its own level, and a level that has any
     replaces the inherited list.  `default` is nginx text (a list of
     argument lists for list directives), parsed at start-up.  A list
@@ -369,6 +540,7 @@ class Directive:
     block: bool = False
     status: str = READY
     note: str = ""
+    warn: object = None
 
 
 MAIN, EVENTS, MAIL, SERVER = "main", "events", "mail", "server"
@@ -385,6 +557,8 @@ _ROWS = [
     Directive("shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"]),
     Directive("worker_shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"],
               note="nginx's name for shutdown_timeout"),
+    Directive("status_listen", (MAIN,), (1, 1), status_listen, ["off"],
+              note="beyond nginx: the status endpoint (status.py)"),
     Directive("events", (MAIN,), (0, 0), block=True),
     Directive("worker_connections", (EVENTS,), (1, 1), single(parse_positive), ["512"]),
     Directive("mail", (MAIN,), (0, 0), block=True),
@@ -409,15 +583,14 @@ _ROWS = [
               note="accepted and ignored, as in nginx"),
     Directive("proxy_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
     Directive("proxy_pass_error_message", M_S, (1, 1), single(parse_flag), ["off"]),
-    Directive("proxy_protocol", M_S, (1, 1), single(one_of("on", "off", "v2")), ["off"],
-              status=LATER, note="PROXY protocol arrives with a later release"),
+    Directive("proxy_protocol", M_S, (1, 1), single(one_of("on", "off", "v2")), ["off"]),
     Directive("proxy_smtp_auth", M_S, (1, 1), single(one_of("on", "off", "plain", "login")),
               ["off"]),
     Directive("proxy_timeout", M_S, (1, 1), single(parse_time), ["24h"]),
     Directive("xclient", M_S, (1, 1), single(parse_flag), ["on"]),
     # ngx_mail_realip_module
-    Directive("set_real_ip_from", M_S, (1, 1), item, repeat=True, status=LATER,
-              note="PROXY protocol arrives with a later release"),
+    Directive("set_real_ip_from", M_S, (1, 1), real_ip_from, repeat=True,
+              warn=low_address_bits),
     # ngx_mail_imap_module
     Directive("imap_auth", M_S, (1, None), methods({"plain", "login", "cram-md5", "external"}),
               ["plain"]),
@@ -453,7 +626,7 @@ _ROWS = [
     Directive("ssl_session_ticket_key", M_S, (1, 1), item, repeat=True, status=GAP,
               note="Python's ssl module cannot load ticket keys"),
     Directive("ssl_session_timeout", M_S, (1, 1), single(parse_time), ["5m"], status=GAP,
-              note="Python's ssl module keeps OpenSSL's 5 minutes"),
+              note="Python's ssl module keeps OpenSSL's session lifetime, 2 hours"),
     Directive("ssl_verify_client", M_S, (1, 1), single(verify_client), ["off"]),
     Directive("ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"], status=GAP,
               note="Python's ssl module cannot limit the chain depth"),
@@ -477,6 +650,8 @@ _ROWS = [
     Directive("proxy_ssl_certificate", M_S, (1, 1), single(str)),
     Directive("proxy_ssl_certificate_key", M_S, (1, 1), single(str)),
     Directive("proxy_ssl_pin", M_S, (1, 1), pin, repeat=True),
+    # beyond nginx: redacted protocol traces (trace.py)
+    Directive("trace", M_S, (1, None), trace, ["off"]),
 ]
 
 TABLE = {row.name: row for row in _ROWS}

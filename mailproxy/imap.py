@@ -122,8 +122,11 @@ class ImapSession(Session):
             line = self.client.readline(room - size)
         except TooLong:         # what follows a literal is data, not a tag to echo
             raise TooLong(tag + b" ") from None
+        rest = _strip_line_end(line)
+        if b"\r" in rest:       # a bare CR, refused here as on the first line (spec 3.0)
+            raise _invalid(tag, rest)
         # After the literal only SP or the line end may follow (nginx 1.29.6).
-        return value, _strip_line_end(line), room - size - len(line)
+        return value, rest, room - size - len(line)
 
     # --------------------------------------------------------- commands
 

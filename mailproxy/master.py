@@ -21,6 +21,11 @@ cores.  The master answers signals one at a time, synchronously
     SIGUSR1  reopen log files (here and in every worker)
     SIGCHLD  a worker died: log it, and start another in its place
 
+With `status_listen`, the master also forks a status process that serves
+the status page (status.py), restarted like a worker if it dies.  The
+counters it shows live in memory the master maps before its first fork;
+each worker is given one block of it, its *slot* (metrics.py).
+
 `worker_processes 1` needs none of this: server.run() serves in-process.
 """
 
@@ -28,9 +33,10 @@ import os
 import signal
 import time
 
-from . import NGINX_COMPAT, __version__, log as logmod
+from . import NGINX_COMPAT, __version__, log as logmod, metrics
 from .config import ConfigError
-from .server import open_sockets, run_worker, socket_plan
+from .server import close_sockets, drop_privileges, open_sockets, run_worker, socket_plan
+from .status import open_socket as open_status_socket, serve_process as serve_status
 
 HANDLED = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
            signal.SIGCHLD}
@@ -47,6 +53,12 @@ class Master:
         self.reload_config = reload_config
         self.sockets = {}
         self.workers = {}           # pid -> the Config it serves
+        self.table = None           # metrics.Table, mapped before the first fork
+        self.slots = {}             # worker pid -> its slot in the table
+        self.status_socket = None   # status_listen's socket, while it is on
+        self.status_pid = None      # the status process serving it
+        self.status_leaving = set()     # status processes told to stop, not yet reaped
+        self.last_status_spawn = 0.0
         self.stopping = None        # None, "quit" or "stop"
         self.last_spawn = 0.0
         self.destinations, self.log, _ = logmod.setup(config)
@@ -57,7 +69,10 @@ class Master:
         """Serve until told to stop; the exit status."""
         try:
             self.sockets = open_sockets(socket_plan(self.config))
+            if self.config.status_listen:
+                self.status_socket = open_status_socket(self.config.status_listen)
         except OSError as exc:
+            close_sockets(self.sockets)     # opened before the status socket failed
             self.log.log(logmod.LEVELS["emerg"], "%s", exc.strerror)
             return 1
         self.log.log(logmod.NOTICE, "mailproxy/%s (%s)", __version__, NGINX_COMPAT)
@@ -65,21 +80,26 @@ class Master:
                      self.config.worker_processes)
         self.original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         self._write_pid()
+        self.table = metrics.Table(metrics.slots_for(self.config.worker_processes))
         try:
             self.spawn(self.config.worker_processes)
+            if self.status_socket:
+                self.start_status()
             self.loop()
         finally:
             self._remove_pid()
-            for sock in self.sockets.values():
-                sock.close()
+            close_sockets(self.sockets)
+            self.stop_status()
             self.log.log(logmod.NOTICE, "exit")
             self.destinations.close()
         return 0
 
     def loop(self):
-        while self.workers or not self.stopping:
+        while self.workers or self.status_pid or self.status_leaving or not self.stopping:
             info = signal.sigtimedwait(HANDLED, TICK)
             self.reap()
+            if self.stopping and not self.workers:
+                self.stop_status()      # it showed the workers draining; now it goes too
             if info is not None and info.si_signo != signal.SIGCHLD:
                 self.on_signal(info.si_signo)
 
@@ -99,9 +119,9 @@ class Master:
         self.log.log(logmod.NOTICE, "%s: stopping workers", "gracefully" if how == "quit"
                      else "fast")
         self.stopping = how
+        self.mark_draining()
         self.signal_workers(signo)
-        for sock in self.sockets.values():
-            sock.close()                # no new connections wait in our backlog
+        close_sockets(self.sockets)     # no new connections wait in our backlog
         self.sockets = {}
 
     # ----------------------------------------------------------- workers
@@ -109,26 +129,40 @@ class Master:
     def spawn(self, count, config=None):
         config = config or self.config
         for _ in range(count):
+            slot = self.table.free_slot(self.slots.values())
+            if slot is None:
+                self.log.warning("all %d metrics slots are in use: the status page will "
+                                 "not count the next worker", self.table.slots)
             pid = os.fork()
             if pid == 0:
-                self._become_worker(config)     # never returns
+                self._become_worker(config, slot)   # never returns
             self.workers[pid] = config
+            if slot is not None:
+                self.slots[pid] = slot
+                self.table.attach(slot, pid)
             self.log.log(logmod.NOTICE, "start worker process %d", pid)
         self.last_spawn = time.monotonic()
 
-    def _become_worker(self, config):
+    def _become_worker(self, config, slot):
         """In the child: the signals back to normal, then serve."""
         status = 1
         try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.original_mask)
-            for signo in HANDLED:
-                signal.signal(signo, signal.SIG_DFL)
-            self.destinations.close()
-            status = run_worker(config, self.sockets)
+            self._leave_master()
+            if self.status_socket:
+                self.status_socket.close()      # the status process's, not ours
+            meter = self.table.meter(slot) if slot is not None else None
+            status = run_worker(config, self.sockets, meter)
         except BaseException:           # the child must never return into the master's code
             self.log.exception("worker process failed")
         finally:
             os._exit(status)
+
+    def _leave_master(self):
+        """In a new child: signals as they were, the master's logs closed."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.original_mask)
+        for signo in HANDLED:
+            signal.signal(signo, signal.SIG_DFL)
+        self.destinations.close()
 
     def reap(self):
         """Collect dead children; start another for a current worker that
@@ -140,8 +174,12 @@ class Master:
                 return
             if pid == 0:
                 return
-            config = self.workers.pop(pid, None)
             code = os.waitstatus_to_exitcode(status)
+            if self.status_exited(pid, code):
+                continue
+            config = self.workers.pop(pid, None)
+            if pid in self.slots:
+                self.table.release(self.slots.pop(pid))     # counters stay, gauges go
             if config is self.config and not self.stopping:
                 self.log.log(logmod.LEVELS["alert"], "worker process %d exited with code %d, "
                              "starting a new one", pid, code)
@@ -150,6 +188,12 @@ class Master:
                 self.spawn(1)
             else:
                 self.log.log(logmod.NOTICE, "worker process %d exited with code %d", pid, code)
+
+    def mark_draining(self, only=None):
+        """The status page shows these workers as finishing their sessions."""
+        for pid, config in self.workers.items():
+            if pid in self.slots and (only is None or config is only):
+                self.table.set_state(self.slots[pid], metrics.DRAINING)
 
     def signal_workers(self, signo, only=None):
         for pid, config in list(self.workers.items()):
@@ -164,22 +208,94 @@ class Master:
     def reload(self):
         """SIGHUP: new workers with the new config, old ones quit gracefully."""
         self.log.log(logmod.NOTICE, "reconfiguring")
+        status_socket = self.status_socket
         try:
             config = self.reload_config()
+            if config.status_listen != self.config.status_listen and config.status_listen:
+                status_socket = open_status_socket(config.status_listen)
             sockets = open_sockets(socket_plan(config), existing=self.sockets)
         except (ConfigError, OSError) as exc:
+            if status_socket is not self.status_socket:
+                status_socket.close()
             self.log.error("reload failed, keeping the old configuration: %s",
                            exc.strerror if isinstance(exc, OSError) else exc)
             return
         old = self.config
-        for key, sock in self.sockets.items():
-            if key not in sockets:
-                sock.close()            # the old workers keep their own copies
+        close_sockets({key: sock for key, sock in self.sockets.items()
+                       if key not in sockets})      # the old workers keep their own copies
         self.config, self.sockets = config, sockets
         self.destinations.close()
         self.destinations, self.log, _ = logmod.setup(config)
+        if config.status_listen != old.status_listen:
+            self.stop_status()
+            self.status_socket = status_socket if config.status_listen else None
+            if self.status_socket:
+                self.start_status()
         self.spawn(config.worker_processes)
+        self.mark_draining(only=old)
         self.signal_workers(signal.SIGQUIT, only=old)
+
+    # --------------------------------------------------- status process
+
+    def start_status(self):
+        """Fork the process that serves `status_listen`.  Not a thread of
+        ours: the master forks, and a process that forks must stay
+        single-threaded."""
+        pid = os.fork()
+        if pid == 0:
+            self._become_status()       # never returns
+        self.status_pid = pid
+        self.last_status_spawn = time.monotonic()
+        self.log.log(logmod.NOTICE, "start status process %d on http://%s/", pid,
+                     self.config.status_listen.name)
+
+    def _become_status(self):
+        """In the child: keep only the status socket and the table, then serve."""
+        code = 1
+        try:
+            self._leave_master()
+            for sock in self.sockets.values():
+                sock.close()            # else a port the master let go would stay bound
+            drop_privileges(self.config.user)
+            serve_status(self.status_socket, self.table)
+            code = 0
+        except BaseException:
+            self.log.exception("status process failed")
+        finally:
+            os._exit(code)
+
+    def stop_status(self):
+        """Tell the status process to go (it is reaped later); close its socket."""
+        if self.status_pid:
+            try:
+                os.kill(self.status_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.status_leaving.add(self.status_pid)
+            self.status_pid = None
+        if self.status_socket:
+            self.status_socket.close()
+            self.status_socket = None
+
+    def status_exited(self, pid, code):
+        """After a reap: True if `pid` was a status process.  The current
+        one is started again, as a dead worker would be."""
+        if pid in self.status_leaving:
+            self.status_leaving.discard(pid)
+            self.log.log(logmod.NOTICE, "status process %d exited with code %d", pid, code)
+            return True
+        if pid != self.status_pid:
+            return False
+        self.status_pid = None
+        if self.stopping or not self.status_socket:
+            self.log.log(logmod.NOTICE, "status process %d exited with code %d", pid, code)
+            return True
+        self.log.log(logmod.LEVELS["alert"], "status process %d exited with code %d, "
+                     "starting a new one", pid, code)
+        if time.monotonic() - self.last_status_spawn < RESPAWN_PAUSE:
+            time.sleep(RESPAWN_PAUSE)
+        self.start_status()
+        return True
 
     # --------------------------------------------------------- pid file
 

@@ -52,6 +52,8 @@ class Credentials:
 def decode(line):
     """The first token of a response line, base64-decoded the nginx way:
     padding optional, anything after the first "=" ignored."""
+    if b"\r" in line.removesuffix(b"\n").removesuffix(b"\r"):
+        raise SaslError("bare CR")      # a CR not followed by LF (spec 3.0)
     token = line.strip().split(b" ", 1)[0] if line.strip() else b""
     data = token.split(b"=", 1)[0]
     if not _BASE64.fullmatch(data) or len(data) % 4 == 1:

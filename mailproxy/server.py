@@ -22,12 +22,13 @@ import resource
 import signal
 import socket
 import socketserver
+import stat
 import threading
 import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
-from . import tls
+from . import metrics, status, tls
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .pop3 import Pop3Session
@@ -35,6 +36,8 @@ from .smtp import SmtpSession
 
 SESSION_CLASSES = {"imap": ImapSession, "pop3": Pop3Session, "smtp": SmtpSession}
 POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
+UNIX_SOCKET_MODE = 0o666    # nginx's: the directory, not the socket, says who may connect
+STALE_PROBE_TIMEOUT = 1.0   # a live unix: listener accepts a probe at once
 
 
 class Service:
@@ -75,7 +78,17 @@ class Listener(socketserver.TCPServer):
     def __init__(self, sock, entry, default, routes, worker):
         socketserver.BaseServer.__init__(self, (entry.host, entry.port), None)
         self.socket = sock
+        # Every worker polls the same socket and all wake for one client; the
+        # losers' accept() must fail (BlockingIOError, ignored by socketserver)
+        # rather than block, or a worker told to stop would wait in accept().
+        sock.setblocking(False)
         self.entry, self.default, self.routes, self.worker = entry, default, routes, worker
+
+    def get_request(self):
+        """accept(); a unix-domain peer's address is '' even when it bound
+        its socket to a path: it is no client address (logs say "unix:")."""
+        request, client_address = self.socket.accept()
+        return request, "" if self.entry.family == socket.AF_UNIX else client_address
 
     def route(self, sock):
         """(service, Listen entry) for an accepted connection."""
@@ -91,11 +104,12 @@ class Listener(socketserver.TCPServer):
         if not self.worker.admit():
             self.worker.log.warning("%d worker_connections are not enough, closing "
                                     "connection from %s", self.worker.max_sessions,
-                                    client_address[0])
+                                    _peer_host(client_address))
+            self.worker.meter.dropped()
             self.shutdown_request(request)
             return
         thread = threading.Thread(target=self._serve, args=(request, client_address),
-                                  name=f"session {client_address[0]}:{client_address[1]}")
+                                  name=f"session {_peer(client_address)}")
         self.worker.started(thread)
         thread.start()
 
@@ -118,9 +132,12 @@ class Listener(socketserver.TCPServer):
 
 
 class Worker:
-    """The listeners and sessions of this process, and how they stop."""
+    """The listeners and sessions of this process, and how they stop.
+    `meter` is this worker's block of the master's metrics table; a single
+    process (no master) makes a table of its own and serves the status
+    page from a thread."""
 
-    def __init__(self, config, single=True):
+    def __init__(self, config, single=True, meter=None):
         self.config = config
         self.single = single            # no master: this process owns the pid file
         self.max_sessions = config.worker_connections
@@ -135,6 +152,12 @@ class Worker:
         logging.getLogger("urllib3").setLevel(logging.ERROR)   # pool chatter is not ours
         self.services = [Service(server, logger)
                          for server, logger in zip(config.servers, loggers)]
+        self.table = self.status = None
+        if single:
+            self.table = metrics.Table(1)
+            self.table.attach(0, os.getpid())
+            meter = self.table.meter(0)
+        self.meter = meter or metrics.Meter.unshared()
 
     # ------------------------------------------------------- sessions
 
@@ -172,6 +195,9 @@ class Worker:
             default = (self.services[default[0]], default[1])
             self.listeners.append(Listener(sockets[socket_key(entry)], entry, default,
                                            route, self))
+        if self.single and self.config.status_listen:
+            self.status = status.StatusServer(status.open_socket(self.config.status_listen),
+                                              self.table)
 
     def serve(self):
         """Accept until a signal says stop; returns the exit status."""
@@ -180,10 +206,16 @@ class Worker:
             threading.Thread(target=listener.serve_forever, args=(POLL_INTERVAL,),
                              name=f"listener {listener.entry.name}", daemon=True).start()
             self.log.log(logmod.NOTICE, "listening on %s", listener.entry.name)
+        if self.status:
+            threading.Thread(target=self.status.serve_forever, args=(POLL_INTERVAL,),
+                             name="status", daemon=True).start()
+            self.log.log(logmod.NOTICE, "status page on http://%s/",
+                         self.config.status_listen.name)
         self._write_pid()
         try:
+            self.meter.set_threads(threading.active_count())
             while not self.stopping.wait(POLL_INTERVAL):
-                pass
+                self.meter.set_threads(threading.active_count())
         finally:
             self.shutdown()
         return 0
@@ -235,6 +267,9 @@ class Worker:
             thread.join()
         for service in self.services:
             service.auth.close()
+        if self.status:
+            self.status.shutdown()
+            self.status.server_close()
         self._remove_pid()
         self.log.log(logmod.NOTICE, "exit")
         self.destinations.close()
@@ -242,6 +277,8 @@ class Worker:
     def close_listeners(self):
         for listener in self.listeners:
             listener.server_close()
+            if self.single:             # under a master, the master owns the socket files
+                remove_socket_file(socket_key(listener.entry))
         self.listeners = []
 
     def _write_pid(self):
@@ -303,6 +340,8 @@ def open_sockets(plan, existing=None):
 
 def open_socket(entry):
     """A listening socket with the `listen` parameters applied."""
+    if entry.family == socket.AF_UNIX:
+        _remove_stale_socket(entry.host)
     proto = socket.IPPROTO_MPTCP if entry.multipath else 0
     sock = socket.socket(entry.family, socket.SOCK_STREAM, proto)
     try:
@@ -314,12 +353,64 @@ def open_socket(entry):
         if entry.sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, entry.sndbuf)
         _set_keepalive(sock, entry.so_keepalive)
-        sock.bind((entry.host, entry.port))
+        if entry.family == socket.AF_UNIX:
+            sock.bind(entry.host)
+            os.chmod(entry.host, UNIX_SOCKET_MODE)
+        else:
+            sock.bind((entry.host, entry.port))
         sock.listen(entry.backlog)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _remove_stale_socket(path):
+    """A `listen unix:` path left behind by a process that died is removed,
+    as nginx does.  Unlike nginx, a socket that still accepts (another
+    running proxy) and a file that is not a socket are left alone, so
+    bind() fails with "Address already in use", as on a busy port."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(STALE_PROBE_TIMEOUT)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_socket_file(key):
+    """After a clean stop: a unix: listener's socket file goes (socket_key)."""
+    family, path, _ = key
+    if family != socket.AF_UNIX:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def close_sockets(sockets):
+    """Close listening sockets ({socket_key: socket}) for good, their
+    unix: socket files removed."""
+    for key, sock in sockets.items():
+        sock.close()
+        remove_socket_file(key)
+
+
+def _peer(address):
+    """An accept() address as "host:port"; a unix-domain peer has none."""
+    return f"{address[0]}:{address[1]}" if address else "unix:"
+
+
+def _peer_host(address):
+    return address[0] if address else "unix:"
 
 
 def _set_keepalive(sock, setting):
@@ -335,12 +426,13 @@ def _set_keepalive(sock, setting):
                 sock.setsockopt(socket.IPPROTO_TCP, option, int(value))
 
 
-def run_worker(config, sockets):
+def run_worker(config, sockets, meter=None):
     """A worker process under the master: set up as root (logs, keys,
-    limits), then drop privileges, then serve the inherited sockets."""
+    limits), then drop privileges, then serve the inherited sockets,
+    counting into `meter` (its slot of the master's metrics table)."""
     if config.rlimit_nofile:
         resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
-    worker = Worker(config, single=False)
+    worker = Worker(config, single=False, meter=meter)
     drop_privileges(config.user)
     worker.open(sockets)
     worker.install_signals()

@@ -28,14 +28,18 @@ import threading
 import time
 
 from . import backend as backend_mod
+from . import metrics
+from . import proxy_protocol
+from . import trace
 from .auth_http import AuthRequest, AuthServiceError
 from .backend import BackendError
-from .log import SessionLog
+from .log import SessionLog, session_summary
 from .relay import Relay
 from .sasl import EXCHANGES, make_salt
 from .stream import Closed, Stream, TooLong
 from .tls import TlsChannel, certificate_headers
 
+QUIT_VERBS = frozenset({"LOGOUT", "QUIT"})     # the client's own goodbye
 MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
                             # (nginx loops for ever; its docs suggest 10-20 attempts)
 _connections = itertools.count(1)   # nginx's connection number, "*N" in logs
@@ -77,6 +81,7 @@ class Session(socketserver.BaseRequestHandler):
     BLOCKED_BEFORE_TLS = frozenset()    # verbs `starttls only` refuses in clear text
     STATES = {"start": ()}          # state -> verbs accepted in it
     needs_backend_password = True   # IMAP/POP3 must have a clear-text password
+    proxy_header = None             # what a PROXY header said (proxy_protocol.py)
     handlers = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -104,41 +109,80 @@ class Session(socketserver.BaseRequestHandler):
         self.upstream_text = ""
         self.client_text = self.client_address[0] if self.client_address else "unix:"
         self.log = SessionLog(self.service.logger, self)
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.started = time.monotonic()
+        self.ending = None              # why it ended: one of log.REASONS
+        self.stopped = False            # cut by a fast stop
+        self.relayed = (0, 0)           # bytes the relay moved from / to the client
+        self.tracer = trace.for_session(self)       # None unless `trace` is set
+        if self.tracer:
+            self.client = self.tracer.client_stream(self.client)
+        if self.request.family != socket.AF_UNIX:
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.thread_id = threading.get_ident()
         self.server.track(self)
+        self.meter = self.server.worker.meter      # the status page's counters
+        self.phase = metrics.GREETING
+        self.meter.opened(self.protocol)
 
     def finish(self):
+        self.meter.closed(self.protocol, self.phase)
         self.server.untrack(self)
         if self.backend:
             self.backend.sock.close()
 
     def handle(self):
-        """The funnel: every way a session can end is logged here, once."""
+        """The funnel: every way a session can end is logged here, once,
+        then summed up in one line (log.session_summary)."""
         self.log.info("client %s connected to %s", _peer(self.client_address),
                       self.server_text)
         try:
             self.run()
+            self.ended("invalid")   # unnamed: a broken PROXY header, an early talker
         except Closed:
+            self.ended("client")
             self.log.info("client closed connection")
         except TimeoutError:
+            self.ended("timeout")
             self.log.info("client timed out")
         except TooLong as exc:
+            self.ended("invalid")
             self.log.info("client sent too long command")
             self._send_quietly(self.too_long_reply(exc.head))
         except ssl.SSLError as exc:
+            self.ended("tls")
             self.log.info("SSL error with the client (%s)", exc.reason or exc)
         except (InternalError, AuthServiceError, BackendError) as exc:
+            self.ended("backend" if isinstance(exc, BackendError) else "error")
             self.log.error("%s", exc)
             self._send_quietly(self.INTERNAL_ERROR)
         except OSError as exc:
+            self.ended("error")
             self.log.info("%s", exc.strerror or exc)
         except Exception:
+            self.ended("error")
             self.log.exception("unexpected error")
             self._send_quietly(self.INTERNAL_ERROR)
+        self.log.info("session done: %s", self.summary())
+
+    def ended(self, reason):
+        """Name why the session ends (log.REASONS); the first name stays."""
+        if self.ending is None:
+            self.ending = reason
+
+    def summary(self):
+        """The closing line's fields; the bytes count both phases."""
+        client = _hostport(*self.client_address[:2]) if self.client_address else "unix:"
+        tls = self.client.sock.version if self.client.secure else None
+        return session_summary(client, self.protocol, self.login_text, self.upstream_text,
+                               tls, self.client.received + self.relayed[0],
+                               self.client.sent + self.relayed[1],
+                               time.monotonic() - self.started,
+                               "stop" if self.stopped else self.ending)
 
     def run(self):
         self.client.set_deadline(self.config.timeout)
+        if self.listen.proxy_protocol and not proxy_protocol.receive(self):
+            return                  # a broken header: closed without a reply (spec 5.6)
         if self.listen.ssl:
             self.start_tls()
         if not self.quit:
@@ -157,6 +201,8 @@ class Session(socketserver.BaseRequestHandler):
             if command.verb in self.BLOCKED_BEFORE_TLS and self.tls_mode == "only":
                 raise Rejected(self.invalid_reply(command))
             handler(self, command)
+            if self.quit and command.verb in QUIT_VERBS:
+                self.ended("quit")
         except Rejected as exc:
             self.reject(exc)
 
@@ -167,9 +213,11 @@ class Session(socketserver.BaseRequestHandler):
         self.state = "start"
         self.send(exc.reply)
         if exc.close:
+            self.ended("invalid")
             self.quit = True
         elif exc.counted and self.errors >= self.config.max_errors:
             self.log.info("client sent too many invalid commands")
+            self.ended("invalid")
             self.quit = True
 
     def send(self, data):
@@ -184,6 +232,7 @@ class Session(socketserver.BaseRequestHandler):
 
     def abort(self):
         """Called from another thread (fast stop): end this session now."""
+        self.stopped = True
         for sock in (self.request, self.backend.sock if self.backend else None):
             sock = getattr(sock, "sock", sock)      # the socket under a TlsChannel
             if sock is not None:
@@ -205,6 +254,11 @@ class Session(socketserver.BaseRequestHandler):
 
     def set_step(self, text):
         self.step = text
+
+    def enter(self, phase):
+        """Move to another phase (metrics.PHASES) on the status page."""
+        self.meter.moved(self.protocol, self.phase, phase)
+        self.phase = phase
 
     # ------------------------------------------------------------- TLS
 
@@ -229,6 +283,7 @@ class Session(socketserver.BaseRequestHandler):
         self.log.debug("SSL handshake done: %s, %s", channel.version, channel.cipher)
         if self.config.ssl_verify_client == "on" and not channel.peer_certificate():
             self.log.info("client sent no required SSL certificate")
+            self.ended("tls")
             self.send(self.NO_CERTIFICATE)
             self.quit = True
 
@@ -275,7 +330,10 @@ class Session(socketserver.BaseRequestHandler):
         goes back to the start state, as nginx does."""
         self.attempt += 1
         self.login = credentials.login
+        if self.tracer:
+            self.tracer.login(credentials.login)
         self.step = "in http auth state"
+        self.enter(metrics.AUTH_SERVICE)
         self.client.set_deadline(None)
         reply = self.auth_reply = self.ask_auth_service(credentials)
         if not reply.ok:
@@ -288,7 +346,9 @@ class Session(socketserver.BaseRequestHandler):
                            password=credentials.password, salt=credentials.salt,
                            protocol=self.protocol, attempt=self.attempt,
                            client_ip=self.client_text,
-                           extra=self.auth_extra_headers() + self.tls_headers())
+                           extra=proxy_protocol.auth_headers(self.proxy_header,
+                                                             self.auth_extra_headers())
+                           + self.tls_headers())
 
     def auth_extra_headers(self):
         """Protocol-specific request headers (SMTP adds Client-Host)."""
@@ -298,20 +358,32 @@ class Session(socketserver.BaseRequestHandler):
         """The auth service's answer, asking again (same attempt number)
         while it says WAIT, at most MAX_WAIT_RETRIES times."""
         request = self.auth_request(credentials)
-        reply = self.service.auth.ask(request)
+        reply = self.ask_once(request)
         for _ in range(MAX_WAIT_RETRIES):
             if not reply.retry:
                 return reply
             self.log.info("auth http server asked to wait %ss", reply.wait)
             self.client.wait(reply.wait, self.command_limit())
-            reply = self.service.auth.ask(request)
+            reply = self.ask_once(request)
         if reply.retry:
             raise AuthServiceError(f"auth http server answered WAIT {MAX_WAIT_RETRIES + 1} times")
+        return reply
+
+    def ask_once(self, request):
+        """One auth service round trip, timed and counted for the status page."""
+        started = time.monotonic()
+        try:
+            reply = self.service.auth.ask(request)
+        except AuthServiceError:
+            self.meter.auth(self.protocol, metrics.ERROR, time.monotonic() - started)
+            raise
+        self.meter.auth(self.protocol, metrics.auth_result(reply), time.monotonic() - started)
         return reply
 
     def refused(self, reply):
         self.log.info('client login failed: "%s"', reply.status)
         if not reply.wait:
+            self.ended("auth")
             self.send(self.auth_failed_reply(reply))
             self.quit = True
             return
@@ -319,6 +391,7 @@ class Session(socketserver.BaseRequestHandler):
         self.send(self.auth_failed_reply(reply))
         self.back_to_start()
         self.step = "in auth state"
+        self.enter(metrics.GREETING)
         self.client.set_deadline(self.config.timeout)
 
     def back_to_start(self):
@@ -336,8 +409,16 @@ class Session(socketserver.BaseRequestHandler):
         self.login = login
         self.upstream_text = _hostport(reply.server, reply.port)
         self.step = "connecting to upstream"
+        self.enter(metrics.BACKEND_LOGIN)
         tls = self.service.backend_tls
-        self.backend = backend_mod.connect(reply.server, reply.port, self.config.timeout, tls)
+        try:
+            self.backend = backend_mod.connect(reply.server, reply.port, self.config.timeout,
+                                               tls, proxy_protocol.outgoing(self))
+        except BackendError:
+            self.meter.backend_error(self.protocol)
+            raise
+        if self.tracer:
+            self.backend = self.tracer.backend_stream(self.backend)
         starttls = None
         if tls and not tls.implicit:
             def starttls():
@@ -357,22 +438,26 @@ class Session(socketserver.BaseRequestHandler):
         if exc.reply and self.config.proxy_pass_error_message:
             self.log.error("%s", exc)
             self._send_quietly(exc.reply)
+            self.ended("backend")
             self.quit = True
             return
         raise exc
 
     def relay(self):
         self.step = "proxying"
+        self.enter(metrics.RELAY)
         self.log.info("client logged in, proxying to %s", self.upstream_text)
-        started = time.monotonic()
         relay = Relay(self.client.sock, self.backend.sock, self.config.proxy_timeout,
                       linger=self.config.timeout, buffers=self.relay_buffers(),
                       name=f"session-{self.conn}")
-        outcome = relay.run(self.client.take_buffer())
+        leftover = self.client.take_buffer()        # already counted as received
+        outcome = relay.run(leftover)
+        self.meter.relayed(self.protocol, outcome.client_bytes, outcome.backend_bytes)
         self.quit = True
-        self.log.info("proxied session done: %d bytes from client, %d bytes from upstream, "
-                      "%.1fs, closed by %s", outcome.client_bytes, outcome.backend_bytes,
-                      time.monotonic() - started, outcome.closed_by)
+        self.relayed = (max(0, outcome.client_bytes - len(leftover)), outcome.backend_bytes)
+        self.ended(outcome.closed_by or "error")
+        if self.tracer:
+            self.tracer.relayed(outcome.client_bytes, outcome.backend_bytes)
 
     # ------------------------------------------- what subclasses define
 

@@ -16,6 +16,8 @@ import socket
 import time
 
 CHUNK = 4096            # one recv(); commands are short, literals arrive in pieces
+WAIT_STEP = 3600        # longest single poll() of a wait: an Auth-Wait of 10**11
+                        # seconds would overflow poll()'s timeout, so it is waited in steps
 
 
 class Closed(Exception):
@@ -38,6 +40,7 @@ class Stream:
         self.sock = sock
         self.buffer = bytearray()
         self.deadline = None
+        self.received = self.sent = 0   # bytes, for the session's summary line
 
     def set_deadline(self, seconds):
         """Let the next reads and writes together take at most `seconds`
@@ -61,6 +64,7 @@ class Stream:
             raise Closed() from None
         if not data:
             raise Closed()
+        self.received += len(data)
         self.buffer += data
 
     def readline(self, limit):
@@ -91,6 +95,7 @@ class Stream:
             self.sock.sendall(data)
         except ConnectionError:
             raise Closed() from None
+        self.sent += len(data)
 
     def start_tls(self, channel):
         """Switch to TLS (a tls.TlsChannel over our socket), handshaking
@@ -119,14 +124,13 @@ class Stream:
         """
         end = time.monotonic() + seconds
         while True:
-            left = end - time.monotonic()
+            left = min(end - time.monotonic(), WAIT_STEP)
             if left <= 0:
                 return
             if len(self.buffer) >= limit:
                 time.sleep(left)
-                return
-            readable, _, _ = select.select([self.sock], [], [], left)
-            if readable:
+                continue
+            if _readable(self.sock, left):
                 self.sock.settimeout(0)
                 try:
                     data = self.sock.recv(limit - len(self.buffer))
@@ -136,19 +140,28 @@ class Stream:
                     raise Closed() from None
                 if not data:
                     raise Closed()
+                self.received += len(data)
                 self.buffer += data
 
     def talked_within(self, seconds):
         """Did the peer send anything in the next `seconds`?  (SMTP's
         greeting delay; the bytes stay unread.)  Raises Closed on EOF."""
-        if self.buffer:
+        if self.buffer or getattr(self.sock, "pending", lambda: 0)():
             return True
-        readable, _, _ = select.select([self.sock], [], [], seconds)
-        if not readable:
+        if not _readable(self.sock, seconds):
             return False
+        raw = getattr(self.sock, "sock", self.sock)     # under a TlsChannel: any byte counts
         try:
-            if not self.sock.recv(1, socket.MSG_PEEK):
+            if not raw.recv(1, socket.MSG_PEEK):
                 raise Closed()
         except ConnectionError:
             raise Closed() from None
         return True
+
+
+def _readable(sock, seconds):
+    """Wait up to `seconds` for `sock` to become readable (or reach EOF).
+    poll(), not select(): a busy proxy has fds above select()'s 1023."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))

@@ -81,13 +81,18 @@ class TlsChannel:
     def handshake(self):
         """Run the handshake to the end (under the socket's timeout)."""
         while True:
+            error = None
             with self.lock:
                 try:
                     self.tls.do_handshake()
                     done = True
                 except ssl.SSLWantReadError:
                     done = False
-            self._flush()
+                except ssl.SSLError as exc:
+                    error = exc
+            self._flush()               # the alert too, when the handshake failed
+            if error:
+                raise error
             if done:
                 return
             if not self._feed():
@@ -210,6 +215,8 @@ def server_context(config):
         _load_chain(context, cert, key, passwords)
     if config.ssl_prefer_server_ciphers:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:                       # Python turns it on by default; nginx's default is off
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     if not config.ssl_session_tickets:
         context.options |= ssl.OP_NO_TICKET
     if config.ssl_dhparam:
@@ -232,7 +239,7 @@ def _client_verification(context, config):
             _apply(directive, context.load_verify_locations, path)
     if config.ssl_crl:
         _apply("ssl_crl", context.load_verify_locations, config.ssl_crl)
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN    # as nginx: every certificate
     context.verify_mode = ssl.CERT_OPTIONAL
 
 
@@ -241,6 +248,9 @@ def _versions(context, names, directive):
     if unknown:
         raise TlsSetupError(directive, f'"{unknown[0]}" is not supported by this OpenSSL')
     chosen = sorted(VERSIONS[name] for name in names)
+    if chosen[-1] - chosen[0] != len(chosen) - 1:
+        raise TlsSetupError(directive, "versions with a gap between them are not supported "
+                            "(Python's ssl module sets only the lowest and the highest)")
     try:
         context.minimum_version, context.maximum_version = chosen[0], chosen[-1]
     except (ValueError, ssl.SSLError) as exc:
@@ -283,7 +293,8 @@ def _apply(directive, method, *args):
     try:
         method(*args)
     except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
+            (exc.args[-1] if exc.args else exc)
         raise TlsSetupError(directive, f'"{args[0]}": {reason}') from None
 
 
@@ -354,7 +365,8 @@ def backend_context(config):
         try:
             context.load_cert_chain(config.proxy_ssl_certificate, key)
         except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
+            (exc.args[-1] if exc.args else exc)
             raise TlsSetupError("proxy_ssl_certificate", f'cannot load certificate '
                                 f'"{config.proxy_ssl_certificate}": {reason}') from None
     return context

@@ -523,8 +523,7 @@ def test_lexer_error_in_an_included_file_is_not_ignored(tmp_path):
     ("worker_processes none;", 'invalid number "none" in "worker_processes" directive in '
                                "command line"),
     ("pid a.pid; pid b.pid;", '"pid" directive is duplicate in command line'),
-    ("worker_processes 2;", '"worker_processes" greater than 1 is not implemented yet '
-                            "(worker processes arrive with a later release) in command line"),
+    ("user nosuchuser-mailproxy;", 'getpwnam("nosuchuser-mailproxy") failed in command line'),
 ])
 def test_command_line_errors_say_command_line(tmp_path, extra, expected):
     message, _ = error(tmp_path, conf(), extra=extra)
@@ -566,8 +565,6 @@ def test_command_line_directives_apply(tmp_path):
     ("listen 127.0.0.1:1150 proxy_protocol;", 'the "proxy_protocol" parameter of "listen" is '
                                               "not implemented yet (PROXY protocol arrives "
                                               "with a later release)"),
-    ("listen unix:/tmp/mailproxy.sock;", 'unix: listen sockets are not implemented yet in '
-                                         '"listen" directive'),
 ])
 def test_not_implemented_yet_in_a_server(tmp_path, text, expected):
     _still_later(text)
@@ -603,11 +600,9 @@ def test_not_implemented_yet_at_mail_level(tmp_path):
                       f'later release) in {at(path, lines, "starttls on")}'
 
 
-def test_worker_processes_above_one_not_implemented_yet(tmp_path):
-    lines = conf(top=("worker_processes 2;",))
-    message, path = error(tmp_path, lines)
-    assert message == '"worker_processes" greater than 1 is not implemented yet (worker ' \
-                      f'processes arrive with a later release) in {path}:1'
+def test_worker_processes_above_one_and_auto(tmp_path):
+    for text, expected in (("worker_processes 2;", 2), ("worker_processes auto;", os.cpu_count())):
+        assert load(tmp_path, conf(top=(text,))).worker_processes == expected
 
 
 def test_unix_auth_http_not_implemented_yet(tmp_path):

@@ -6,11 +6,15 @@ examples/ loads; the users file example parses; every module docs/tour.md
 names exists; and the README opens with exactly its two commands.
 """
 
+import datetime
 import re
-import shutil
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mailproxy import authservice, config, directives
 
@@ -22,6 +26,9 @@ OTHER_CONFS = {"users.conf", "logrotate.conf"}
 DIRECTIVE_HEADING = re.compile(r"^### `([a-z0-9_]+)`\s*$", re.MULTILINE)
 MODULE_NAME = re.compile(r"\b((?:mailproxy/)?[a-z_][a-z0-9_]*\.py)\b")
 FENCE = re.compile(r"^```[a-z]*\n(.*?)\n```\n", re.DOTALL | re.MULTILINE)
+# An example's certificate and key paths (/etc/mailproxy/...) do not exist
+# here, and config.load opens them to build the TLS context.
+CERT_LINE = re.compile(r"^(\s*)(ssl_certificate|ssl_certificate_key)(\s+)\S+;", re.MULTILINE)
 
 
 def documented_directives():
@@ -53,16 +60,46 @@ def test_there_are_example_configs():
     assert {path.name for path in example_configs()} >= {"mail.conf", "small-site.conf"}
 
 
+@pytest.fixture(scope="module")
+def throwaway_certificate(tmp_path_factory):
+    """A self-signed certificate and its key, for any name: {directive: path}."""
+    directory = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mail.example.org")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    paths = {"ssl_certificate": directory / "cert.pem", "ssl_certificate_key": directory / "key.pem"}
+    paths["ssl_certificate"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["ssl_certificate_key"].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths
+
+
 @pytest.mark.parametrize("path", example_configs(), ids=lambda path: path.name)
-def test_example_config_loads(path, tmp_path):
-    """Loaded from a copy, so relative paths land in tmp_path; config.load
-    opens no log, pid or certificate file, so none needs to exist."""
+def test_example_config_loads(path, tmp_path, throwaway_certificate):
+    """Loaded from a copy, so relative paths land in tmp_path.  config.load
+    opens no log or pid file, but it does open the certificates and keys of
+    servers that use TLS: in the copy, every ssl_certificate and
+    ssl_certificate_key names a throwaway pair instead."""
     copy = tmp_path / path.name
-    shutil.copy(path, copy)
+    copy.write_text(CERT_LINE.sub(
+        lambda m: f"{m[1]}{m[2]}{m[3]}{throwaway_certificate[m[2]]};", path.read_text()))
     loaded = config.load(str(copy), prefix=str(tmp_path))
     assert loaded.servers
     for server in loaded.servers:
         assert server.listens and server.protocol in directives.PROTOCOLS
+
+
+def test_small_site_example_uses_tls():
+    """The small-site example is the one to copy: every client port has TLS."""
+    text = (EXAMPLES / "small-site.conf").read_text()
+    assert CERT_LINE.search(text)
+    assert re.search(r"^\s*listen\s+993 ssl;", text, re.MULTILINE)
+    assert re.search(r"^\s*starttls\s+only;", text, re.MULTILINE)
 
 
 def test_example_users_file_parses():
