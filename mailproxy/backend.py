@@ -36,11 +36,16 @@ def connect(server, port, timeout, tls=None, proxy_header=b""):
     with `proxy_ssl` (tls.implicit) the TLS handshake too.  A PROXY header
     (`proxy_protocol on|v2`) is the first thing sent (spec 4.7)."""
     deadline = time.monotonic() + timeout
+    # Auth-Server is an IP literal (spec 2.4): no name lookup is needed.
+    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
+    sock.settimeout(timeout)
     try:
-        sock = socket.create_connection((server, port), timeout=timeout)
+        sock.connect((server, port))
     except TimeoutError:
+        sock.close()
         raise BackendError("upstream timed out (connecting)") from None
     except OSError as exc:
+        sock.close()
         raise BackendError(f"connect() failed ({exc.errno}: {exc.strerror})") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if proxy_header:

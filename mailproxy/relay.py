@@ -47,7 +47,10 @@ class Relay:
         self.last_traffic = time.monotonic()
         self.one_side_closed = False
         for sock in (client, backend):
-            sock.settimeout(idle_timeout)   # the send deadline of a peer that stops reading
+            if isinstance(sock, socket.socket):
+                sock.setblocking(False)     # we poll ourselves: once per read, not twice
+            else:
+                sock.settimeout(idle_timeout)   # a TlsChannel blocks, with this deadline
 
     def run(self, leftover=b""):
         """Relay until both directions end; `leftover` (pipelined client
@@ -65,34 +68,39 @@ class Relay:
         return self.outcome
 
     def _copy(self, source, target, size, side):
-        """One direction: `side` names who is reading from `source`."""
-        buffer = bytearray(size)
-        view = memoryview(buffer)
+        """One direction: `side` names who is reading from `source`.
+        Each read takes what has arrived, up to `size`, as a new bytes
+        object: an idle session holds no buffer at all."""
         poller = select.poll()
         poller.register(source, select.POLLIN)
-        try:
-            while True:
-                wait = self._time_left()
-                if wait <= 0:
-                    self._stop("timeout")
-                    return
-                if not _buffered(source) and not poller.poll(wait * 1000):
-                    continue
-                try:
-                    count = source.recv_into(buffer)
-                except OSError:
-                    count = 0               # a reset is an end like EOF
-                if not count:
-                    self._end_of(side, target)
-                    return
-                if not self._send(target, view[:count], side):
-                    return
-        finally:
-            view.release()
+        while True:
+            wait = self._time_left()
+            if wait <= 0:
+                self._stop("timeout")
+                return
+            if not _buffered(source) and not poller.poll(wait * 1000):
+                continue
+            try:
+                data = source.recv(size)
+            except (BlockingIOError, InterruptedError):
+                continue                # woken without data (a racing reader)
+            except OSError:
+                data = b""              # a reset is an end like EOF
+            if not data:
+                self._end_of(side, target)
+                return
+            if not self._send(target, data, side):
+                return
 
     def _send(self, target, data, side):
         try:
-            target.sendall(data)
+            if isinstance(target, socket.socket):
+                self._send_plain(target, data)
+            else:
+                target.sendall(data)
+        except TimeoutError:
+            self._stop("timeout")       # the peer stopped reading for proxy_timeout
+            return False
         except OSError:
             self._stop("error")
             return False
@@ -102,6 +110,21 @@ class Relay:
         else:
             self.outcome.backend_bytes += len(data)
         return True
+
+    def _send_plain(self, target, data):
+        """sendall() on a non-blocking socket: wait for room at most
+        `idle_timeout`, so a peer that never reads cannot pin the thread."""
+        view = memoryview(data)
+        writable = None
+        while view:
+            try:
+                view = view[target.send(view):]
+            except BlockingIOError:
+                if writable is None:
+                    writable = select.poll()
+                    writable.register(target, select.POLLOUT)
+                if not writable.poll(self.idle_timeout * 1000):
+                    raise TimeoutError("peer does not read") from None
 
     def _time_left(self):
         limit = min(self.idle_timeout, self.linger) if self.one_side_closed else self.idle_timeout

@@ -13,6 +13,7 @@ SIGQUIT stops accepting and lets sessions finish; SIGTERM and SIGINT end
 everything at once.
 """
 
+import functools
 import grp
 import ipaddress
 import logging
@@ -60,7 +61,7 @@ class Service:
 
     def warn_clear_text(self, address, log):
         """Once per backend: passwords leave this machine unencrypted."""
-        if ipaddress.ip_address(address).is_loopback:
+        if _is_loopback(address):
             return
         with self.warned_lock:
             if address in self.warned:
@@ -68,6 +69,12 @@ class Service:
             self.warned.add(address)
         log.warning("passwords go to backend %s in clear text (no proxy_ssl or "
                     "proxy_starttls)", address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_loopback(address):
+    """Parsed once per backend address, not once per login."""
+    return ipaddress.ip_address(address).is_loopback
 
 
 class Listener(socketserver.TCPServer):

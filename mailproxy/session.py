@@ -40,6 +40,7 @@ from .stream import Closed, Stream, TooLong
 from .tls import TlsChannel, certificate_headers
 
 QUIT_VERBS = frozenset({"LOGOUT", "QUIT"})     # the client's own goodbye
+RELAY_READ = 65536          # bytes per relay read: see relay_buffers()
 MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
                             # (nginx loops for ever; its docs suggest 10-20 attempts)
 _connections = itertools.count(1)   # nginx's connection number, "*N" in logs
@@ -466,7 +467,12 @@ class Session(socketserver.BaseRequestHandler):
         raise NotImplementedError
 
     def relay_buffers(self):
-        return (self.command_limit(), self.config.proxy_buffer)
+        """Read sizes for the relay (client->backend, backend->client).
+        nginx relays through its command buffer and `proxy_buffer` (4 KB);
+        reading up to RELAY_READ at a time instead cuts the system calls per
+        megabyte sixteenfold, and costs idle sessions nothing, since relay.py
+        keeps no buffer between reads (docs/differences.md)."""
+        return (max(self.command_limit(), RELAY_READ), max(self.config.proxy_buffer, RELAY_READ))
 
 
 def _peer(address):
