@@ -155,15 +155,26 @@ class Destinations:
         logger.propagate = False
 
     def reopen(self):
-        """Files only: a syslog socket has nothing to reopen."""
+        """Files only: a syslog socket has nothing to reopen.  A file that
+        cannot be opened again (a worker that gave up root may not create
+        it) keeps the old one, and says so there: losing the log is better
+        than losing the process."""
         for handler in self.handlers.values():
-            if isinstance(handler, logging.FileHandler):
-                handler.acquire()
+            if not isinstance(handler, logging.FileHandler):
+                continue
+            handler.acquire()
+            try:
                 try:
-                    handler.close()
-                    handler.stream = handler._open()
-                finally:
-                    handler.release()
+                    stream = handler._open()
+                except OSError as exc:
+                    handler.stream.write(f"reopening {handler.baseFilename} failed "
+                                         f"({exc.strerror}), still writing here\n")
+                    handler.stream.flush()
+                    continue
+                handler.stream.close()
+                handler.stream = stream
+            finally:
+                handler.release()
 
     def close(self):
         for handler in self.handlers.values():

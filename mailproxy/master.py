@@ -254,6 +254,8 @@ class Master:
         code = 1
         try:
             self._leave_master()
+            for signo in (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT):
+                signal.signal(signo, signal.SIG_IGN)    # the master decides when it goes
             for sock in self.sockets.values():
                 sock.close()            # else a port the master let go would stay bound
             drop_privileges(self.config.user)

@@ -545,59 +545,14 @@ def test_command_line_directives_apply(tmp_path):
 
 # ------------------------------------------------------- not implemented yet
 
-@pytest.mark.parametrize("text, expected", [
-    ("starttls on;", '"starttls" directive is not implemented yet '
-                     "(TLS arrives with a later release)"),
-    ("starttls only;", '"starttls" directive is not implemented yet '
-                       "(TLS arrives with a later release)"),
-    ("ssl_certificate x.pem;", '"ssl_certificate" directive is not implemented yet '
-                               "(TLS arrives with a later release)"),
-    ("ssl_verify_client on;", '"ssl_verify_client" directive is not implemented yet '
-                              "(TLS arrives with a later release)"),
-    ("auth_http_pass_client_cert on;", '"auth_http_pass_client_cert" directive is not '
-                                       "implemented yet (TLS arrives with a later release)"),
-    ("proxy_protocol on;", '"proxy_protocol" directive is not implemented yet '
-                           "(PROXY protocol arrives with a later release)"),
-    ("set_real_ip_from 127.0.0.1;", '"set_real_ip_from" directive is not implemented yet '
-                                    "(PROXY protocol arrives with a later release)"),
-    ("listen 127.0.0.1:1150 ssl;", 'the "ssl" parameter of "listen" is not implemented yet '
-                                   "(TLS arrives with a later release)"),
-    ("listen 127.0.0.1:1150 proxy_protocol;", 'the "proxy_protocol" parameter of "listen" is '
-                                              "not implemented yet (PROXY protocol arrives "
-                                              "with a later release)"),
-])
-def test_not_implemented_yet_in_a_server(tmp_path, text, expected):
-    _still_later(text)
-    lines = conf(IMAP + (text,))
-    message, path = error(tmp_path, lines)
-    assert message == f"{expected} in {at(path, lines, text)}"
-
-
-def test_resolver_refused_until_implemented(tmp_path):
+def test_resolver_addresses_are_accepted(tmp_path):
     lines = conf(IMAP + ("resolver 127.0.0.1;",))
-    if d.TABLE["resolver"].status == d.LATER:
-        message, path = error(tmp_path, lines)
-        assert message == '"resolver" directive is not implemented yet (DNS lookups arrive ' \
-                          f'with SMTP) in {at(path, lines, "resolver")}'
-    else:
-        assert load(tmp_path, lines).servers[0].resolver == ("127.0.0.1",)
+    assert load(tmp_path, lines).servers[0].resolver == ("127.0.0.1",)
 
 
-def _still_later(text):
-    """Skip a refusal test once its feature has arrived (the table says so)."""
-    name = text.split()[0]
-    if name == "listen":
-        name = {"ssl;": "starttls", "proxy_protocol;": "proxy_protocol"}.get(text.split()[-1])
-    if name and name in d.TABLE and d.TABLE[name].status != d.LATER:
-        pytest.skip(f'"{name}" is implemented now')
-
-
-def test_not_implemented_yet_at_mail_level(tmp_path):
-    _still_later("starttls on;")
-    lines = conf(mail=(AUTH, "starttls on;"))
-    message, path = error(tmp_path, lines)
-    assert message == '"starttls" directive is not implemented yet (TLS arrives with a ' \
-                      f'later release) in {at(path, lines, "starttls on")}'
+def test_only_unix_auth_http_is_still_later():
+    """Everything else once refused as "not implemented yet" has arrived."""
+    assert [name for name, row in d.TABLE.items() if row.status == d.LATER] == []
 
 
 def test_worker_processes_above_one_and_auto(tmp_path):
