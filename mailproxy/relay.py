@@ -22,6 +22,7 @@ poll(), so those are looked at first.
 
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class Relay:
                 data = source.recv(size)
             except (BlockingIOError, InterruptedError):
                 continue                # woken without data (a racing reader)
+            except ssl.SSLError:
+                self._stop("error")     # a broken TLS stream is not an end of file
+                return
             except OSError:
                 data = b""              # a reset is an end like EOF
             if not data:

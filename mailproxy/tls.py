@@ -57,6 +57,7 @@ class TlsChannel:
                                     server_hostname=server_hostname)
         self.lock = threading.Lock()        # the SSLObject: one thread at a time
         self.send_lock = threading.Lock()   # outgoing records keep their order
+        self.plain = bytearray()            # decrypted early by shutdown(), not yet read
 
     # ------------------------------------------------------------ socket-like
 
@@ -102,6 +103,10 @@ class TlsChannel:
         """Up to `size` decrypted bytes; b"" at the end of the stream."""
         while True:
             with self.lock:
+                if self.plain:          # set aside by shutdown(): these come first
+                    data = bytes(self.plain[:size])
+                    del self.plain[:size]
+                    return data
                 try:
                     data = self.tls.read(size)
                 except ssl.SSLWantReadError:
@@ -131,21 +136,47 @@ class TlsChannel:
     def pending(self):
         """Bytes already received that a poll() on the socket would miss."""
         with self.lock:
-            return self.tls.pending() + self.incoming.pending
+            return len(self.plain) + self.tls.pending() + self.incoming.pending
 
     def shutdown(self, how):
-        """Send close_notify before a write-side shutdown (RFC 8446 6.1)."""
-        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+        """SHUT_WR is a half-close: close_notify (RFC 8446 6.1), sent in
+        order with the other records and before the FIN, while the peer may
+        still send.  OpenSSL's shutdown fails on application data it finds
+        already received, and that data would be lost: so complete records
+        are decrypted first and kept for recv(), and the bytes of a partial
+        record are set aside around it.  SHUT_RDWR is a hard stop: no
+        close_notify, and no waiting behind a blocked writer."""
+        if how != socket.SHUT_WR:
+            self.sock.shutdown(how)
+            return
+        with self.send_lock:
             with self.lock:
+                self._decrypt_received()
+                partial = self.incoming.read()
                 try:
                     self.tls.unwrap()
                 except (ssl.SSLError, ValueError):
-                    pass                # want-read: the peer's reply is not awaited
+                    pass                # want-read: the peer's close_notify is not awaited
+                if partial:
+                    self.incoming.write(partial)
+                out = self.outgoing.read()
             try:
-                self._flush()
+                self.sock.sendall(out)
             except OSError:
                 pass
-        self.sock.shutdown(how)
+            self.sock.shutdown(how)
+
+    def _decrypt_received(self):
+        """Move every complete record already received into `plain`
+        (called with `lock` held)."""
+        while True:
+            try:
+                data = self.tls.read(CHUNK)
+            except ssl.SSLError:
+                return                  # want-read, or the stream has ended
+            if not data:
+                return
+            self.plain += data
 
     # ---------------------------------------------------------- the pumps
 
