@@ -531,31 +531,3 @@ def test_no_clear_text_warning_for_a_loopback_backend(start_proxy, auth_service)
             assert client.line() == b"a OK Logged in\r\n"
         proxy.wait_log("client logged in")
     assert "in clear text" not in proxy.log()
-
-
-def outbound_address():
-    """A non-loopback address of this machine, or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("203.0.113.1", 9))     # no packet is sent
-        except OSError:
-            return None
-        address = probe.getsockname()[0]
-    return None if address.startswith("127.") else address
-
-
-def test_clear_text_warning_once_for_a_remote_backend(start_proxy, auth_service, backends):
-    address = outbound_address()
-    if address is None:
-        pytest.skip("no non-loopback address on this machine")
-    backend = backends([("send", b"* OK ready\r\n"), *imap_login()], host=address)
-    auth_service.reply = ok(address, backend.port)
-    proxy = start_proxy(["protocol imap;"], auth=auth_service.url)
-    for _ in range(2):
-        with Peer.connect(proxy.port) as client:
-            client.line()
-            client.send(b"a LOGIN joe secret\r\n")
-            assert client.line() == b"a OK Logged in\r\n"
-    proxy.wait_log(f"passwords go to backend {address} in clear text (no proxy_ssl or "
-                   "proxy_starttls)")
-    assert proxy.log().count("in clear text") == 1
