@@ -268,9 +268,8 @@ def _raw(value):
 
 
 def _atoi(text):
-    """Auth-Wait as nginx's atoi reads it: leading digits, else 0."""
-    match = re.match(r"\d+", text)
-    return int(match.group()) if match else 0
+    """Auth-Wait as nginx's ngx_atoi reads it: digits only, else ignored (0)."""
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def _reason(exc):

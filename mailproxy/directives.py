@@ -42,7 +42,8 @@ TCP_ONLY_PARAMS = ("ipv6only", "multipath", "so_keepalive")   # meaningless on u
 
 _TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400,
                "w": 604800, "M": 2592000, "y": 31536000}
-_TIME_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|M|y)?")
+_TIME_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w|M|y)?")
+MAX_TIME = (2 ** 31 - 1) / 1000    # seconds: poll() takes a C int of milliseconds (~24.8 days)
 _SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
@@ -62,8 +63,8 @@ def parse_time(text):
             raise BadValue(f'invalid value "{text}"')
         total += int(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
         pos = match.end()
-    if not text:
-        raise BadValue('invalid value ""')
+    if not text or total > MAX_TIME:
+        raise BadValue(f'invalid value "{text}"')
     return total
 
 

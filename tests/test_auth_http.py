@@ -96,9 +96,10 @@ def test_wait_status():
     assert reply.wait == 2
 
 
-@pytest.mark.parametrize("text, seconds", [("3", 3), ("3abc", 3), ("x", 0), ("", 0),
-                                           ("0", 0), ("12 ", 12), (" 7", 7)])
+@pytest.mark.parametrize("text, seconds", [("3", 3), ("3abc", 0), ("3s", 0), ("x", 0), ("", 0),
+                                           ("0", 0), ("12 ", 12), (" 7", 7), ("³", 0)])
 def test_auth_wait_is_read_like_atoi(text, seconds):
+    """nginx's ngx_atoi takes digits only: "3s" is not a number, so no wait."""
     assert parse_reply([("Auth-Status", "WAIT"), ("Auth-Wait", text)]).wait == seconds
 
 
