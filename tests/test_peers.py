@@ -258,19 +258,31 @@ def test_backend_records_expect_mismatch_and_closes():
 
 
 def test_backend_per_connection_script_reset_and_sleep_cut_by_close():
-    scripts = {0: [('send', b'first\r\n'), ('reset',)], 1: [('sleep', 60)]}
-    backend = fakes.ScriptedBackend(lambda index: scripts[index])
+    scripts = {0: [('send', b'first\r\n'), ('reset',)]}
+    backend = fakes.ScriptedBackend(lambda index: scripts.get(index, [('sleep', 60)]))
     with socket.create_connection((backend.host, backend.port), timeout=5) as client:
         assert client.recv(16) == b'first\r\n'
         with pytest.raises(ConnectionResetError):
             client.recv(16)
-    sleeper = socket.create_connection((backend.host, backend.port), timeout=5)
+    sleeper = connect_retrying(backend)
     backend.wait_connections(2, finished=False)
     started = time.monotonic()
     backend.close()
     sleeper.close()
     assert time.monotonic() - started < 2.0
-    assert [r.done.is_set() for r in backend.connections] == [True, True]
+    assert all(r.done.is_set() for r in backend.connections)
+
+
+def connect_retrying(backend, attempts=3):
+    """Right after a reset, a busy CI machine once refused the next connect
+    with a reset of its own; that is not what this test is about."""
+    for attempt in range(attempts):
+        try:
+            return socket.create_connection((backend.host, backend.port), timeout=5)
+        except ConnectionResetError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 def exchange(port, request):
