@@ -11,6 +11,7 @@ listeners and serves them from a thread, exactly as `mailproxy -c` does
 and every read is bounded by a timeout, so a test fails instead of hanging.
 """
 
+import contextlib
 import os
 import socket
 import textwrap
@@ -131,3 +132,20 @@ def wait_until(predicate, timeout=5, interval=0.02):
 
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def reference_auth_service(users_path, poll=0.05):
+    """mailproxy's own auth service for `users_path`, on a free loopback
+    port, served from a named thread that is joined on the way out."""
+    from mailproxy.authservice import AuthService
+    service = AuthService(("127.0.0.1", 0), str(users_path))
+    thread = threading.Thread(target=service.serve_forever, args=(poll,),
+                              name="test auth service")
+    thread.start()
+    try:
+        yield service
+    finally:
+        service.shutdown()
+        service.server_close()
+        thread.join(10)

@@ -15,7 +15,6 @@ import imaplib
 import poplib
 import shutil
 import subprocess
-import threading
 import time
 import uuid
 
@@ -23,8 +22,8 @@ import pytest
 
 import peers
 from conftest import USERS
-from harness import RunningProxy
-from mailproxy.authservice import AuthService, hash_password, plain_secret
+from harness import RunningProxy, reference_auth_service
+from mailproxy.authservice import hash_password, plain_secret
 from mailproxy.imap import GREETING
 
 POLL = 0.05                 # seconds: the auth service checks for shutdown this often
@@ -41,14 +40,8 @@ def auth_service(tmp_path_factory, dovecot):
     path.write_text(f"# CRAM-MD5 and APOP need joe's clear text\n"
                     f"joe  {plain_secret(USERS['joe'])}  {backends}\n"
                     f"ann  {hash_password(USERS['ann'])}  {backends}\n")
-    service = AuthService(("127.0.0.1", 0), str(path))
-    thread = threading.Thread(target=service.serve_forever, args=(POLL,),
-                              name="test auth service")
-    thread.start()
-    yield service
-    service.shutdown()
-    service.server_close()
-    thread.join(10)
+    with reference_auth_service(path, POLL) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

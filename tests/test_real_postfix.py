@@ -14,15 +14,14 @@ import re
 import shutil
 import smtplib
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
 
 import peers
-from harness import RunningProxy, wait_until
-from mailproxy.authservice import AuthService, hash_password, plain_secret
+from harness import RunningProxy, reference_auth_service, wait_until
+from mailproxy.authservice import hash_password, plain_secret
 
 POLL = 0.05                 # seconds: the auth service checks for shutdown this often
 TIMEOUT = 30                # seconds any one client operation or delivery may take
@@ -41,14 +40,8 @@ def auth_service(tmp_path_factory, postfix):
     path.write_text(f"joe  {plain_secret(PASSWORDS['joe'])}  {backend}\n"
                     f"ann  {hash_password(PASSWORDS['ann'])}  {backend}"
                     f"  auth-user=ann@example.org\n")
-    service = AuthService(("127.0.0.1", 0), str(path))
-    thread = threading.Thread(target=service.serve_forever, args=(POLL,),
-                              name="test auth service")
-    thread.start()
-    yield service
-    service.shutdown()
-    service.server_close()
-    thread.join(10)
+    with reference_auth_service(path, POLL) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
