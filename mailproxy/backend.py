@@ -14,12 +14,15 @@ protocol's internal-error line.
 """
 
 import base64
+import errno
+import os
+import select
 import socket
 import ssl
 import time
 from dataclasses import dataclass
 
-from .stream import Closed, Stream, TooLong
+from .stream import Closed, Stream, TooLong, wait_for
 
 
 class BackendError(Exception):
@@ -38,15 +41,16 @@ def connect(server, port, timeout, tls=None, proxy_header=b""):
     deadline = time.monotonic() + timeout
     # Auth-Server is an IP literal (spec 2.4): no name lookup is needed.
     sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
-    sock.settimeout(timeout)
-    try:
-        sock.connect((server, port))
-    except TimeoutError:
+    sock.setblocking(False)             # for good: stream.py does the waiting
+    error = sock.connect_ex((server, port))
+    if error == errno.EINPROGRESS:
+        if not wait_for(sock, select.POLLOUT, timeout):
+            sock.close()
+            raise BackendError("upstream timed out (connecting)")
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
         sock.close()
-        raise BackendError("upstream timed out (connecting)") from None
-    except OSError as exc:
-        sock.close()
-        raise BackendError(f"connect() failed ({exc.errno}: {exc.strerror})") from None
+        raise BackendError(f"connect() failed ({error}: {os.strerror(error)})")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if proxy_header:
         send_proxy_header(sock, proxy_header)

@@ -32,13 +32,14 @@ one write before anything else.
 """
 
 import ipaddress
+import select
 import socket
 import struct
 import time
 from dataclasses import dataclass
 
 from .directives import UNIX_PREFIX
-from .stream import Closed
+from .stream import Closed, wait_for
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107                # the longest v1 line, CRLF included (proxy-protocol.txt 2.1)
@@ -157,15 +158,17 @@ class _Reader:
         self.sock, self.deadline = sock, deadline
 
     def _recv(self, size, flags=0):
-        if self.deadline is None:
-            self.sock.settimeout(None)
-        else:
+        left = None
+        if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("deadline passed")
-            self.sock.settimeout(left)
+        if not wait_for(self.sock, select.POLLIN, left):
+            raise TimeoutError("timed out")
         try:
             data = self.sock.recv(size, flags)
+        except BlockingIOError:
+            return b""                  # woken without data: callers read again
         except ConnectionError:
             raise Closed() from None
         if not data:

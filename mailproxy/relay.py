@@ -15,9 +15,11 @@ Two limits keep a relay from living for ever:
   directive) without traffic to finish.
 A failed write, or either limit, shuts both sockets down at once.
 
-Either side may be a tls.TlsChannel rather than a socket; it behaves like
-one, except that it may hold decrypted bytes the kernel no longer shows to
-poll(), so those are looked at first.
+Both sockets are non-blocking (stream.py) and the copiers do their own
+waiting: one poll() per read, and one per write only when the peer's window
+is full.  Either side may be a tls.TlsChannel rather than a socket; it
+behaves like one with a timeout, except that it may hold decrypted bytes the
+kernel no longer shows to poll(), so those are looked at first.
 """
 
 import select
@@ -26,6 +28,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+
+from .stream import send_all
 
 
 @dataclass
@@ -48,10 +52,8 @@ class Relay:
         self.last_traffic = time.monotonic()
         self.one_side_closed = False
         for sock in (client, backend):
-            if isinstance(sock, socket.socket):
-                sock.setblocking(False)     # we poll ourselves: once per read, not twice
-            else:
-                sock.settimeout(idle_timeout)   # a TlsChannel blocks, with this deadline
+            if not isinstance(sock, socket.socket):
+                sock.settimeout(idle_timeout)   # a TlsChannel waits, at most this long
 
     def run(self, leftover=b""):
         """Relay until both directions end; `leftover` (pipelined client
@@ -99,7 +101,7 @@ class Relay:
     def _send(self, target, data, side):
         try:
             if isinstance(target, socket.socket):
-                self._send_plain(target, data)
+                send_all(target, data, self.idle_timeout)
             else:
                 target.sendall(data)
         except TimeoutError:
@@ -114,21 +116,6 @@ class Relay:
         else:
             self.outcome.backend_bytes += len(data)
         return True
-
-    def _send_plain(self, target, data):
-        """sendall() on a non-blocking socket: wait for room at most
-        `idle_timeout`, so a peer that never reads cannot pin the thread."""
-        view = memoryview(data)
-        writable = None
-        while view:
-            try:
-                view = view[target.send(view):]
-            except BlockingIOError:
-                if writable is None:
-                    writable = select.poll()
-                    writable.register(target, select.POLLOUT)
-                if not writable.poll(self.idle_timeout * 1000):
-                    raise TimeoutError("peer does not read") from None
 
     def _time_left(self):
         limit = min(self.idle_timeout, self.linger) if self.one_side_closed else self.idle_timeout

@@ -97,6 +97,7 @@ class Session(socketserver.BaseRequestHandler):
         self.server_text = self.listen.name
         self.config = self.service.config
         self.conn = next(_connections)
+        self.request.setblocking(False)     # for good: stream.py does the waiting
         self.client = Stream(self.request)
         self.backend = None
         self.state = "start"

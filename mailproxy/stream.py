@@ -1,10 +1,17 @@
-"""A line-oriented wrapper around a blocking socket.
+"""A line-oriented wrapper around a socket, and waiting on sockets.
 
 Mail protocols are read a line at a time, and a proxy must never trust the
 peer to end its lines: every read here is bounded by a byte limit, and every
 read and write by a deadline.  The deadline is one point in time for a
 whole phase (nginx's `timeout` covers the entire pre-login dialogue, not
-each command), so each call sets the socket timeout to what is left of it.
+each command), so each wait is for what is left of it.
+
+The sockets are non-blocking for their whole life and the waiting is done
+here, with poll(), before a read and only when a write finds no room
+(`wait_for`, `send_all`).  Blocking calls under a socket timeout would do
+the same waits, but cost a settimeout() system call per read or write to
+re-arm the deadline, and a poll() before every write too; each system call
+lets go of the GIL, and under load each let-go is a thread switch.
 
 Bytes read past the end of a line stay in `buffer`: a client may pipeline
 several commands, and whatever is left when the relay starts is sent on to
@@ -47,19 +54,25 @@ class Stream:
         (None: wait for ever)."""
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
-    def _arm(self):
+    def _left(self):
+        """Seconds left before the deadline (None: no deadline)."""
         if self.deadline is None:
-            self.sock.settimeout(None)
-            return
+            return None
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("deadline passed")
-        self.sock.settimeout(left)
+        return left
 
     def _fill(self):
-        self._arm()
+        left = self._left()
         try:
+            if self.secure:
+                self.sock.settimeout(left)  # the channel waits for whole records itself
+            elif not wait_for(self.sock, select.POLLIN, left):
+                raise TimeoutError("timed out")
             data = self.sock.recv(CHUNK)
+        except BlockingIOError:
+            return                          # woken without data; the caller reads again
         except ConnectionError:
             raise Closed() from None
         if not data:
@@ -90,9 +103,13 @@ class Stream:
         return data
 
     def write(self, data):
-        self._arm()
+        left = self._left()
         try:
-            self.sock.sendall(data)
+            if self.secure:
+                self.sock.settimeout(left)
+                self.sock.sendall(data)
+            else:
+                send_all(self.sock, data, left)
         except ConnectionError:
             raise Closed() from None
         self.sent += len(data)
@@ -102,7 +119,7 @@ class Stream:
         under the deadline.  Bytes the peer sent after its STARTTLS are
         dropped, never run as commands: CVE-2014-3556."""
         self.buffer.clear()
-        self._arm()
+        channel.settimeout(self._left())
         channel.handshake()
         self.sock = channel
 
@@ -131,10 +148,11 @@ class Stream:
                 time.sleep(left)
                 continue
             if _readable(self.sock, left):
-                self.sock.settimeout(0)
+                if self.secure:
+                    self.sock.settimeout(0)     # take what is there, wait for no more
                 try:
                     data = self.sock.recv(limit - len(self.buffer))
-                except (BlockingIOError, socket.timeout):
+                except (BlockingIOError, TimeoutError):
                     continue
                 except ConnectionError:
                     raise Closed() from None
@@ -160,8 +178,30 @@ class Stream:
 
 
 def _readable(sock, seconds):
-    """Wait up to `seconds` for `sock` to become readable (or reach EOF).
-    poll(), not select(): a busy proxy has fds above select()'s 1023."""
+    """Wait up to `seconds` for `sock` to become readable (or reach EOF);
+    a TLS channel that holds decrypted bytes already is."""
+    if getattr(sock, "pending", lambda: 0)():
+        return True
+    return wait_for(sock, select.POLLIN, seconds)
+
+
+def wait_for(sock, events, seconds):
+    """poll() one socket for `events` for at most `seconds` (None: no
+    limit); False if the time passed.  poll(), not select(): a busy proxy
+    has fds above select()'s 1023."""
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(seconds * 1000))
+    poller.register(sock, events)
+    return bool(poller.poll(None if seconds is None else seconds * 1000))
+
+
+def send_all(sock, data, seconds):
+    """sendall() for a non-blocking socket: each wait for room takes at most
+    `seconds` (None: no limit), so a peer that stops reading cannot pin the
+    thread.  Raises TimeoutError when it does."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            if not wait_for(sock, select.POLLOUT, seconds):
+                raise TimeoutError("peer does not read") from None

@@ -14,13 +14,18 @@ outside the lock:
 
 `send_lock` makes TLS records leave in the order OpenSSL made them, even
 when the reader produced some (a TLS 1.3 KeyUpdate answer, session
-tickets); the reader never blocks on it (see `_flush`).  The channel looks like a socket to stream.py and relay.py:
-recv, recv_into, sendall, settimeout, fileno, shutdown, close, plus
-`pending()` for decrypted bytes that poll() cannot see.
+tickets); the reader never blocks on it (see `_flush`).
+
+The channel looks like a blocking socket with a timeout to stream.py and
+relay.py: recv, recv_into, sendall, settimeout, fileno, shutdown, close,
+plus `pending()` for decrypted bytes that poll() cannot see.  The socket
+under it is non-blocking, as every socket of a session is (stream.py):
+the channel's waits are its own poll()s, each at most `timeout` seconds.
 """
 
 import base64
 import hashlib
+import select
 import socket
 import ssl
 import threading
@@ -30,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .auth_http import escape
+from .stream import send_all, wait_for
 
 CHUNK = 65536           # raw bytes per recv: up to four full TLS records
 # OpenSSL's short names where RFC 4514 has none: nginx prints DNs with
@@ -47,7 +53,7 @@ OPENSSL_NAMES = {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.SERIAL_NUMBER: "
 
 
 class TlsChannel:
-    """TLS over a connected blocking socket (server or client side)."""
+    """TLS over a connected non-blocking socket (server or client side)."""
 
     def __init__(self, sock, context, server_side, server_hostname=None):
         self.sock = sock
@@ -58,14 +64,15 @@ class TlsChannel:
         self.lock = threading.Lock()        # the SSLObject: one thread at a time
         self.send_lock = threading.Lock()   # outgoing records keep their order
         self.plain = bytearray()            # decrypted early by shutdown(), not yet read
+        self.timeout = None                 # seconds per wait for the peer (None: no limit)
 
     # ------------------------------------------------------------ socket-like
 
     def settimeout(self, seconds):
-        self.sock.settimeout(seconds)
+        self.timeout = seconds
 
     def gettimeout(self):
-        return self.sock.gettimeout()
+        return self.timeout
 
     def fileno(self):
         return self.sock.fileno()
@@ -80,7 +87,7 @@ class TlsChannel:
         self.sock.close()
 
     def handshake(self):
-        """Run the handshake to the end (under the socket's timeout)."""
+        """Run the handshake to the end (each wait at most `timeout`)."""
         while True:
             error = None
             with self.lock:
@@ -130,7 +137,7 @@ class TlsChannel:
             with self.lock:
                 self.tls.write(data)    # a memory BIO never asks to wait
                 out = self.outgoing.read()
-            self.sock.sendall(out)
+            send_all(self.sock, out, self.timeout)
         self._flush()                   # what a reader queued meanwhile
 
     def pending(self):
@@ -161,7 +168,7 @@ class TlsChannel:
                     self.incoming.write(partial)
                 out = self.outgoing.read()
             try:
-                self.sock.sendall(out)
+                send_all(self.sock, out, self.timeout)
             except OSError:
                 pass
             self.sock.shutdown(how)
@@ -181,8 +188,14 @@ class TlsChannel:
     # ---------------------------------------------------------- the pumps
 
     def _feed(self):
-        """One raw recv into the incoming BIO; False at EOF."""
-        data = self.sock.recv(CHUNK)
+        """One raw recv into the incoming BIO, after waiting at most
+        `timeout` for it (TimeoutError); False at EOF."""
+        if not wait_for(self.sock, select.POLLIN, self.timeout):
+            raise TimeoutError("timed out")
+        try:
+            data = self.sock.recv(CHUNK)
+        except BlockingIOError:
+            return True                 # woken without data: the caller tries again
         with self.lock:
             if data:
                 self.incoming.write(data)
@@ -199,7 +212,7 @@ class TlsChannel:
             try:
                 with self.lock:
                     out = self.outgoing.read()
-                self.sock.sendall(out)
+                send_all(self.sock, out, self.timeout)
             finally:
                 self.send_lock.release()
 
