@@ -16,6 +16,7 @@ protocol's internal-error line.
 import base64
 import errno
 import os
+import re
 import select
 import socket
 import ssl
@@ -23,6 +24,9 @@ import time
 from dataclasses import dataclass
 
 from .stream import Closed, Stream, TooLong, wait_for
+
+LITERAL_MINUS_MAX = 4096  # RFC 7888: the longest non-synchronizing literal LITERAL- allows
+_GREETING_CAPABILITY = re.compile(rb"\* OK \[CAPABILITY ([^\]\r\n]*)\]", re.IGNORECASE)
 
 
 class BackendError(Exception):
@@ -128,26 +132,36 @@ def expect(line, prefix):
 # ------------------------------------------------------------------- IMAP
 
 def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None):
-    """LOGIN with both values as synchronizing literals, reusing the
-    client's tag (spec 4.2); returns the lines to forward to the client:
-    the tagged OK, and the one untagged line nginx 1.27.3+ allows before it
-    (e.g. a CAPABILITY from SmarterMail or Gmail).  `starttls` (beyond
-    nginx, proxy_starttls) upgrades the connection first (RFC 3501 6.2.1)."""
+    """LOGIN with both values as literals, reusing the client's tag (spec
+    4.2); returns the lines to forward to the client: the tagged OK, and the
+    one untagged line nginx 1.27.3+ allows before it (e.g. a CAPABILITY from
+    SmarterMail or Gmail).  `starttls` (beyond nginx, proxy_starttls)
+    upgrades the connection first (RFC 3501 6.2.1).
+
+    nginx always sends synchronizing literals: three round trips.  When the
+    greeting's CAPABILITY allows non-synchronizing ones (RFC 7888), as
+    Dovecot's does, the whole command goes in one write and one round trip
+    (beyond nginx: the backend cannot tell the difference; a greeting seen
+    before STARTTLS is not trusted for it)."""
     step("reading response from upstream")
-    expect(read_reply(stream, limit), b"* OK")
+    greeting = expect(read_reply(stream, limit), b"* OK")
     if starttls:
         step("sending starttls to upstream")
         send(stream, tag + b" STARTTLS\r\n")
         expect(read_tagged(stream, tag, limit), tag + b" OK")
         starttls()
     step("sending login command to upstream")
-    send(stream, b"%s LOGIN {%d}\r\n" % (tag, len(login)))
-    expect(read_reply(stream, limit), b"+")
-    step("sending user name to upstream")
-    send(stream, b"%s {%d}\r\n" % (login, len(password)))
-    expect(read_reply(stream, limit), b"+")
-    step("sending password to upstream")
-    send(stream, password + b"\r\n")
+    if not starttls and _non_synchronizing(greeting, login, password):
+        send(stream, b"%s LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n"
+             % (tag, len(login), login, len(password), password))
+    else:
+        send(stream, b"%s LOGIN {%d}\r\n" % (tag, len(login)))
+        expect(read_reply(stream, limit), b"+")
+        step("sending user name to upstream")
+        send(stream, b"%s {%d}\r\n" % (login, len(password)))
+        expect(read_reply(stream, limit), b"+")
+        step("sending password to upstream")
+        send(stream, password + b"\r\n")
     step("reading response from upstream")
     line = read_reply(stream, limit)
     untagged = b""
@@ -159,6 +173,17 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
         exc.reply = untagged + line
         raise
     return untagged + line
+
+
+def _non_synchronizing(greeting, *values):
+    """May `values` go as non-synchronizing literals?  Yes if the greeting's
+    CAPABILITY has LITERAL+, or LITERAL- and none is over 4096 bytes."""
+    match = _GREETING_CAPABILITY.match(greeting)
+    if not match:
+        return False
+    capabilities = match.group(1).upper().split()
+    return b"LITERAL+" in capabilities or \
+        (b"LITERAL-" in capabilities and max(map(len, values)) <= LITERAL_MINUS_MAX)
 
 
 def read_tagged(stream, tag, limit, untagged=3):

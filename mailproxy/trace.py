@@ -48,6 +48,7 @@ COMMAND, SASL = "command", "sasl"
 LOGIN_USER, LOGIN_REST, LOGIN_SECRET = "login-user", "login-rest", "login-secret"
 LITERAL, REST = "literal", "rest"
 _LITERAL_AT_END = re.compile(rb"\{\d+\+?\}$")
+_NON_SYNC_AT_END = re.compile(rb"\{(\d+)\+\}$")
 
 
 @dataclass(frozen=True)
@@ -155,14 +156,23 @@ def imap_server(state, line):
 
 
 def imap_to_backend(state, data):
-    """The proxy's LOGIN to the backend: `TAG LOGIN {n}`, `user {m}`, password."""
+    """The proxy's LOGIN to the backend: `TAG LOGIN {n}`, `user {m}` and the
+    password as three writes, or all of it in one with non-synchronizing
+    literals (`TAG LOGIN {n+}` CRLF user ` {m+}` CRLF password CRLF)."""
     if state == LOGIN_USER:
         user, _, _size = data.rstrip(b"\r\n").rpartition(b" ")
         return shown(user) + " " + REDACTED, LOGIN_SECRET
     if state == LOGIN_SECRET:
         return REDACTED, COMMAND
     (_tag, verb), _ = _words(data, 2)
-    return shown(data), LOGIN_USER if verb.upper() == b"LOGIN" else COMMAND
+    if verb.upper() != b"LOGIN":
+        return shown(data), COMMAND
+    head, _, rest = data.partition(b"\r\n")
+    if not rest:
+        return shown(data), LOGIN_USER      # synchronizing: the user name comes next
+    size = _NON_SYNC_AT_END.search(head)
+    user = rest[:int(size.group(1))] if size else b""
+    return f"{shown(head)} {shown(user)} {REDACTED}", COMMAND
 
 
 # ------------------------------------------------------------------ POP3

@@ -25,8 +25,10 @@ import peers
 from conftest import USERS
 from fakes import Hang, ScriptedAuthService, ScriptedBackend
 from harness import RunningProxy, free_port, open_fds, wait_until
+from mailproxy.backend import imap_login
 from mailproxy.imap import GREETING, INTERNAL_ERROR, INVALID, OK
 from mailproxy.session import MAX_WAIT_RETRIES
+from mailproxy.stream import Stream
 
 BACKEND_OK = b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
 BIG = 4 * 1024 * 1024           # bytes each way in the relay tests
@@ -333,6 +335,73 @@ def test_backend_receives_login_as_synchronizing_literals(through):
     assert not fake.errors
     assert fake.received[0] == (b"A1.x LOGIN {3}\r\njoe {6}\r\nsecret\r\n"
                                 b"A2 SELECT INBOX\r\n")
+
+
+CAPABLE_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR %s ID] Dovecot ready.\r\n"
+
+
+@pytest.mark.parametrize("capability", [b"LITERAL+", b"literal+", b"LITERAL-"])
+def test_backend_announcing_non_synchronizing_literals_gets_the_login_in_one_write(
+        through, capability):
+    """Beyond nginx: RFC 7888 lets the whole LOGIN go at once, one round
+    trip instead of three."""
+    proxy, fake = through([("send", CAPABLE_GREETING % capability),
+                           ("expect", b"a LOGIN {3+}\r\n"), ("expect", b"joe {6+}\r\n"),
+                           ("expect", b"secret\r\n"), ("send", BACKEND_OK),
+                           ("expect", b"b NOOP\r\n")])
+    with greeted(proxy) as client:
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == BACKEND_OK
+        client.send(b"b NOOP\r\n")
+    fake.wait_connections(1)
+    assert not fake.errors
+    assert fake.received[0] == b"a LOGIN {3+}\r\njoe {6+}\r\nsecret\r\nb NOOP\r\n"
+
+
+def test_literal_minus_over_4096_bytes_falls_back_to_synchronizing_literals(through):
+    password = b"p" * 4097
+    proxy, fake = through(login_steps(password=password, greeting=CAPABLE_GREETING % b"LITERAL-"),
+                          "imap_client_buffer 8k;")
+    with greeted(proxy) as client:
+        client.send(b"a LOGIN joe {4097}\r\n")
+        assert client.line() == b"+ OK\r\n"
+        client.send(password + b"\r\n")
+        assert client.line() == BACKEND_OK
+    fake.wait_connections(1)
+    assert not fake.errors
+
+
+@pytest.mark.parametrize("greeting", [
+    b"* OK Dovecot ready LITERAL+\r\n",                  # not a CAPABILITY code
+    b"* OK [CAPABILITY IMAP4rev1 LITERAL+X] ready\r\n",   # not the capability
+    b"* OK [CAPABILITY IMAP4rev1\r\n",                   # unterminated
+])
+def test_other_greetings_get_synchronizing_literals(through, greeting):
+    proxy, fake = through(login_steps(greeting=greeting))
+    with greeted(proxy) as client:
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == BACKEND_OK
+    fake.wait_connections(1)
+    assert not fake.errors
+
+
+def test_a_greeting_before_starttls_is_not_trusted_for_non_synchronizing_literals():
+    """proxy_starttls: what the clear-text greeting claimed may have been
+    forged, so the login after STARTTLS uses synchronizing literals."""
+    ours, backend = socket.socketpair()
+    with ours, backend:
+        ours.setblocking(False)
+        backend.sendall(CAPABLE_GREETING % b"LITERAL+" + b"a OK begin TLS\r\n")
+        stream = Stream(ours)
+        stream.set_deadline(5)
+        result = imap_login(stream, b"a", b"joe", b"secret", 4096,
+                            starttls=lambda: backend.sendall(b"+ OK\r\n+ OK\r\na OK in\r\n"))
+        assert result == b"a OK in\r\n"
+        backend.settimeout(5)
+        received = b""
+        while not received.endswith(b"secret\r\n"):
+            received += backend.recv(4096)
+        assert received == b"a STARTTLS\r\na LOGIN {3}\r\njoe {6}\r\nsecret\r\n"
 
 
 def test_one_untagged_line_before_the_tagged_ok_is_forwarded(through):

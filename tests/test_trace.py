@@ -142,6 +142,15 @@ def test_imap_to_backend_login_with_a_line_break_cannot_shift_the_redaction():
     assert shown == ["a LOGIN {5}", f"j\\x0d\\x0aoe {R}", R]
 
 
+def test_imap_to_backend_non_synchronizing_login_in_one_write():
+    """LITERAL+ backends get the whole LOGIN at once: the user is shown,
+    not the password nor its length, whatever bytes either holds."""
+    shown = to_backend(trace.imap_to_backend,
+                       [b"a LOGIN {5+}\r\nj\r\noe {15+}\r\n" + PASSWORD + b"\r\n",
+                        b"b NOOP\r\n"])
+    assert shown == [f"a LOGIN {{5+}} j\\x0d\\x0aoe {R}", "b NOOP"]
+
+
 def pop3(*events):
     return play(trace.pop3_client, trace.pop3_server, events)[0]
 
