@@ -20,8 +20,16 @@ waiting: one poll() per read, and one per write only when the peer's window
 is full.  Either side may be a tls.TlsChannel rather than a socket; it
 behaves like one with a timeout, except that it may hold decrypted bytes the
 kernel no longer shows to poll(), so those are looked at first.
+
+Between two plain sockets, a direction that starts carrying bulk data (a
+read that fills the buffer: a big FETCH, RETR or DATA) moves the rest of
+its bytes with os.splice() through a pipe of its own, inside the kernel.
+The pipe's two fds exist only from then until the relay ends, so idle and
+interactive sessions still cost two fds each.
 """
 
+import fcntl
+import os
 import select
 import socket
 import ssl
@@ -29,7 +37,17 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .stream import send_all
+from .stream import send_all, wait_for
+
+HAVE_SPLICE = hasattr(os, "splice")
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+PIPE_SIZE = 262144          # bytes per splice: a stream arrives in many small pieces
+                            # and a pipe holds 16 of them by default.  In-process,
+                            # loopback: 1.2 GB/s with 64 KB pipes, 1.5 GB/s with 256 KB
+MIN_PIPE_SIZE = 65536       # a smaller pipe is not worth it: copy instead
+BURST_GAP = 1.0             # seconds without data that end a burst and free its pipe
 
 
 @dataclass
@@ -73,16 +91,14 @@ class Relay:
     def _copy(self, source, target, size, side):
         """One direction: `side` names who is reading from `source`.
         Each read takes what has arrived, up to `size`, as a new bytes
-        object: an idle session holds no buffer at all."""
+        object: an idle session holds no buffer at all.  A read that fills
+        `size` means bulk data is flowing; between two plain sockets it then
+        goes through a pipe (_splice) until the burst is over."""
         poller = select.poll()
         poller.register(source, select.POLLIN)
         while True:
-            wait = self._time_left()
-            if wait <= 0:
-                self._stop("timeout")
+            if not self._wait_readable(source, poller):
                 return
-            if not _buffered(source) and not poller.poll(wait * 1000):
-                continue
             try:
                 data = source.recv(size)
             except (BlockingIOError, InterruptedError):
@@ -97,6 +113,64 @@ class Relay:
                 return
             if not self._send(target, data, side):
                 return
+            if len(data) == size and _splice_pair(source, target):
+                pipe = _open_pipe()
+                if pipe:
+                    try:
+                        if self._splice(source, target, side, poller, pipe):
+                            return
+                    finally:
+                        for end in pipe:
+                            os.close(end)
+
+    def _splice(self, source, target, side, poller, pipe):
+        """A burst of plain-text bulk data, moved by the kernel: os.splice()
+        from the source socket into the pipe, and from the pipe into the
+        target socket.  No byte is copied into Python, which halves the CPU
+        of a large FETCH or RETR.  While the data flows there is usually more
+        waiting, so each read is tried before poll() is asked.  The pipe is
+        emptied after every read.  True when the direction has ended, False
+        after BURST_GAP seconds without data (the pipe is then closed: the
+        kernel counts pipe sizes per user, used or not)."""
+        read_end, write_end = pipe
+        while True:
+            try:
+                count = os.splice(source.fileno(), write_end, PIPE_SIZE, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                if not poller.poll(min(BURST_GAP, max(self._time_left(), 0)) * 1000):
+                    return False
+                continue
+            except OSError:
+                count = 0               # a reset is an end like EOF
+            if not count:
+                self._end_of(side, target)
+                return True
+            try:
+                left = count
+                while left:
+                    try:
+                        left -= os.splice(read_end, target.fileno(), left, flags=SPLICE_FLAGS)
+                    except BlockingIOError:
+                        if not wait_for(target, select.POLLOUT, self.idle_timeout):
+                            raise TimeoutError("peer does not read") from None
+            except TimeoutError:
+                self._stop("timeout")   # the peer stopped reading for proxy_timeout
+                return True
+            except OSError:
+                self._stop("error")
+                return True
+            self._moved(count, side)
+
+    def _wait_readable(self, source, poller):
+        """Wait for bytes (or EOF) from `source`, up to the relay's time
+        limits; False when they ran out (the relay is then stopped)."""
+        while True:
+            wait = self._time_left()
+            if wait <= 0:
+                self._stop("timeout")
+                return False
+            if _buffered(source) or poller.poll(wait * 1000):
+                return True
 
     def _send(self, target, data, side):
         try:
@@ -110,12 +184,15 @@ class Relay:
         except OSError:
             self._stop("error")
             return False
+        self._moved(len(data), side)
+        return True
+
+    def _moved(self, count, side):
         self.last_traffic = time.monotonic()
         if side == "client":
-            self.outcome.client_bytes += len(data)
+            self.outcome.client_bytes += count
         else:
-            self.outcome.backend_bytes += len(data)
-        return True
+            self.outcome.backend_bytes += count
 
     def _time_left(self):
         limit = min(self.idle_timeout, self.linger) if self.one_side_closed else self.idle_timeout
@@ -141,6 +218,34 @@ class Relay:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _splice_pair(source, target):
+    """Can bytes go from `source` to `target` by os.splice()?  Only between
+    two plain sockets (TLS must pass through OpenSSL), and only on Linux."""
+    return HAVE_SPLICE and isinstance(source, socket.socket) \
+        and isinstance(target, socket.socket)
+
+
+def _open_pipe():
+    """A non-blocking pipe for _splice, or None when the process is out of
+    file descriptors: the relay then goes on copying.  Pipes are made only
+    for directions that carry bulk data, so idle sessions cost two fds.
+    The pipe is grown to PIPE_SIZE if the system allows it (fs.pipe-max-size,
+    and the per-user page limits)."""
+    try:
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass                    # over fs.pipe-max-size: the default size will do
+    if fcntl.fcntl(pipe[1], F_GETPIPE_SZ) < MIN_PIPE_SIZE:
+        for end in pipe:        # a user over fs.pipe-user-pages-soft gets two-page
+            os.close(end)       # pipes: slower than copying 64 KB at a time
+        return None
+    return pipe
 
 
 def _buffered(sock):

@@ -27,6 +27,7 @@ from fakes import Hang, ScriptedAuthService, ScriptedBackend
 from harness import RunningProxy, free_port, open_fds, wait_until
 from mailproxy.backend import imap_login
 from mailproxy.imap import GREETING, INTERNAL_ERROR, INVALID, OK
+from mailproxy.relay import BURST_GAP
 from mailproxy.session import MAX_WAIT_RETRIES
 from mailproxy.stream import Stream
 
@@ -736,6 +737,42 @@ def test_fast_stop_cuts_a_relayed_session(through):
         proxy.stop()
         assert time.monotonic() - began < 1
         assert client.closed()
+
+
+def _pipes():
+    """Pipe fds this process holds (the in-process proxy's splice pipes)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def test_bulk_bursts_go_through_a_pipe_that_is_freed_between_bursts(through):
+    """Plain-text bulk data moves by os.splice() through a pipe made for the
+    burst (relay.py); the pipe is closed BURST_GAP after the burst, and the
+    next burst gets a new one.  Every byte arrives, in order."""
+    first, second = os.urandom(3 * BIG // 4), os.urandom(BIG // 2)
+    proxy, fake = through(login_steps() + [("send", first), ("expect", b"c NOOP\r\n"),
+                                           ("send", second), ("expect", b"d LOGOUT\r\n")])
+    baseline = _pipes()
+    with greeted(proxy) as client:
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == BACKEND_OK
+        assert client.read(1) == first[:1]
+        # The client reads no more for now: the copier waits with its pipe.
+        assert wait_until(lambda: _pipes() == baseline + 2), (_pipes(), baseline)
+        assert client.read(len(first) - 1) == first[1:]
+        assert wait_until(lambda: _pipes() == baseline, timeout=BURST_GAP + 5)
+        client.send(b"c NOOP\r\n")
+        assert client.read(len(second)) == second
+        client.send(b"d LOGOUT\r\n")
+        assert client.closed()
+    fake.wait_connections(1)
+    assert not fake.errors
+    assert wait_until(lambda: _pipes() == baseline, timeout=BURST_GAP + 5)
 
 
 def _session_threads():
