@@ -33,11 +33,11 @@ import os
 import select
 import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 
 from .stream import send_all, wait_for
+from .threads import Threads
 
 HAVE_SPLICE = hasattr(os, "splice")
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -61,8 +61,10 @@ class Outcome:
 class Relay:
     """Copies between two connected sockets; `run()` returns an Outcome."""
 
-    def __init__(self, client, backend, idle_timeout, linger, buffers=(4096, 4096), name=""):
+    def __init__(self, client, backend, idle_timeout, linger, buffers=(4096, 4096), name="",
+                 threads=None):
         self.client, self.backend = client, backend
+        self.threads = threads or Threads(max_parked=0)     # threads.py
         self.idle_timeout, self.linger = idle_timeout, linger
         self.client_buffer, self.backend_buffer = buffers
         self.name = name
@@ -76,10 +78,9 @@ class Relay:
     def run(self, leftover=b""):
         """Relay until both directions end; `leftover` (pipelined client
         bytes) goes to the backend first."""
-        other = threading.Thread(target=self._copy,
-                                 args=(self.backend, self.client, self.backend_buffer, "backend"),
-                                 name=f"{self.name} backend->client")
-        other.start()
+        other = self.threads.start(self._copy,
+                                   (self.backend, self.client, self.backend_buffer, "backend"),
+                                   f"{self.name} backend->client")
         try:
             if leftover:
                 self._send(self.backend, leftover, "client")

@@ -29,7 +29,7 @@ import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
-from . import metrics, status, tls
+from . import metrics, status, threads, tls
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .pop3 import Pop3Session
@@ -115,10 +115,10 @@ class Listener(socketserver.TCPServer):
             self.worker.meter.dropped()
             self.shutdown_request(request)
             return
-        thread = threading.Thread(target=self._serve, args=(request, client_address),
-                                  name=f"session {_peer(client_address)}")
-        self.worker.started(thread)
-        thread.start()
+        job = threads.Job(self._serve, (request, client_address),
+                          f"session {_peer(client_address)}", on_done=self.worker.finished)
+        self.worker.started(job)
+        self.worker.threads.run(job)
 
     def _serve(self, request, client_address):
         """The handler thread: run the session, then always close and count."""
@@ -129,7 +129,6 @@ class Listener(socketserver.TCPServer):
             self.worker.log.exception("session crashed")
         finally:
             self.shutdown_request(request)
-            self.worker.finished(threading.current_thread())
 
     def track(self, session):
         self.worker.track(session)
@@ -150,7 +149,8 @@ class Worker:
         self.max_sessions = config.worker_connections
         self.lock = threading.RLock()   # guards the two sets below (session threads;
                                         # reentrant: a signal handler may take it too)
-        self.threads = set()
+        self.jobs = set()               # the sessions running (threads.Job)
+        self.threads = threads.Threads()    # reused for sessions and their relays
         self.sessions = set()
         self.listeners = []
         self.stopping = threading.Event()
@@ -170,15 +170,15 @@ class Worker:
 
     def admit(self):
         with self.lock:
-            return len(self.threads) < self.max_sessions
+            return len(self.jobs) < self.max_sessions
 
-    def started(self, thread):
+    def started(self, job):
         with self.lock:
-            self.threads.add(thread)
+            self.jobs.add(job)
 
-    def finished(self, thread):
+    def finished(self, job):
         with self.lock:
-            self.threads.discard(thread)
+            self.jobs.discard(job)
 
     def track(self, session):
         with self.lock:
@@ -262,16 +262,17 @@ class Worker:
         self.close_listeners()
         if self.how == "quit" and self.config.shutdown_timeout:
             deadline = time.monotonic() + self.config.shutdown_timeout
-            for thread in list(self.threads):
-                thread.join(max(0.0, deadline - time.monotonic()))
-            if self.threads:
+            for job in list(self.jobs):
+                job.join(max(0.0, deadline - time.monotonic()))
+            if self.jobs:
                 self.log.log(logmod.NOTICE, "shutdown timeout: closing %d sessions",
-                             len(self.threads))
+                             len(self.jobs))
                 self.how = "stop"
         if self.how != "quit":
             self.abort_sessions()
-        for thread in list(self.threads):
-            thread.join()
+        for job in list(self.jobs):
+            job.join()
+        self.threads.close()
         for service in self.services:
             service.auth.close()
         if self.status:

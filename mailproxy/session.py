@@ -451,7 +451,7 @@ class Session(socketserver.BaseRequestHandler):
         self.log.info("client logged in, proxying to %s", self.upstream_text)
         relay = Relay(self.client.sock, self.backend.sock, self.config.proxy_timeout,
                       linger=self.config.timeout, buffers=self.relay_buffers(),
-                      name=f"session-{self.conn}")
+                      name=f"session-{self.conn}", threads=self.server.worker.threads)
         leftover = self.client.take_buffer()        # already counted as received
         outcome = relay.run(leftover)
         self.meter.relayed(self.protocol, outcome.client_bytes, outcome.backend_bytes)
