@@ -18,7 +18,7 @@ import ipaddress
 import re
 import socket
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import requests
 import requests.adapters
@@ -258,18 +258,18 @@ def parse_reply(headers):
         if key == "auth-status" and key in values and value in ("OK", "WAIT"):
             continue                # the last error text wins over OK/WAIT
         values[key] = value
-    status = values.get("auth-status")
-    reply = AuthReply(
-        status=status if status is not None else "OK",
+    status = values.get("auth-status", "OK")
+    server = port = None
+    if status == "OK":
+        server, port = values.get("auth-server"), values.get("auth-port")
+        if server is None or port is None:
+            raise AuthServiceError("auth http server did not send server or port")
+        server, port = _server(server), _port(port)
+    return AuthReply(
+        status=status, server=server, port=port,
         user=_raw(values.get("auth-user")), password=_raw(values.get("auth-pass")),
         wait=_atoi(values.get("auth-wait", "")), error_code=values.get("auth-error-code"),
         headers=tuple(headers))
-    if not reply.ok:
-        return reply
-    server, port = values.get("auth-server"), values.get("auth-port")
-    if server is None or port is None:
-        raise AuthServiceError("auth http server did not send server or port")
-    return replace(reply, server=_server(server), port=_port(port))
 
 
 def _server(text):

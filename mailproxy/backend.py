@@ -44,8 +44,9 @@ def connect(server, port, timeout, tls=None, proxy_header=b""):
     (`proxy_protocol on|v2`) is the first thing sent (spec 4.7)."""
     deadline = time.monotonic() + timeout
     # Auth-Server is an IP literal (spec 2.4): no name lookup is needed.
-    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
-    sock.setblocking(False)             # for good: stream.py does the waiting
+    # Non-blocking from the start, for good (stream.py does the waiting).
+    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET,
+                         socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     error = sock.connect_ex((server, port))
     if error == errno.EINPROGRESS:
         if not wait_for(sock, select.POLLOUT, timeout):

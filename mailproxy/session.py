@@ -21,6 +21,7 @@ about with the internal-error line.
 """
 
 import itertools
+import logging
 import socket
 import ssl
 import socketserver
@@ -164,7 +165,8 @@ class Session(socketserver.BaseRequestHandler):
             self.ended("error")
             self.log.exception("unexpected error")
             self._send_quietly(self.INTERNAL_ERROR)
-        self.log.info("session done: %s", self.summary())
+        if self.log.isEnabledFor(logging.INFO):    # the summary is worth skipping
+            self.log.info("session done: %s", self.summary())
 
     def ended(self, reason):
         """Name why the session ends (log.REASONS); the first name stays."""

@@ -73,17 +73,22 @@ def test_close_ends_every_parked_thread_and_parks_no_more():
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_job_that_raises_is_still_finished():
-    """The exception goes to threading.excepthook, as a plain thread's does."""
+def test_a_job_that_raises_is_still_finished_and_its_thread_ends():
+    """The exception goes to threading.excepthook, as a plain thread's
+    does; the thread is not kept."""
     pool = Threads()
+    ident = []
 
     def fail():
+        ident.append(threading.get_ident())
         raise ValueError("boom")
     done = []
     try:
         job = Job(fail, on_done=done.append)
         pool.run(job)
         assert job.join(5) and done == [job]
+        assert wait_until(lambda: ident[0] not in running_threads())
+        assert pool.parked == []
     finally:
         pool.close()
 
