@@ -558,6 +558,9 @@ def profile_text(summary):
              + ")"]
     if sessions and total:
         lines.append(f"  GIL held per session: {1000 * total / rate / sessions:.2f} ms")
+        auth = summary.get("auth_request", 0)
+        lines.append(f"  of which the auth_http request through requests (AuthClient.ask): "
+                     f"{1000 * auth / rate / sessions:.2f} ms ({100 * auth / total:.0f}%)")
 
     def cost(count):
         return f"{1000 * count / rate / sessions:6.3f} ms" if sessions else ""

@@ -32,6 +32,7 @@ def available():
 
 
 RATE = 250               # samples per second per process
+AUTH_REQUEST = "mailproxy/auth_http.py:AuthClient.ask"     # one auth_http request (requests)
 
 
 def start(pid, seconds, output, rate=RATE):
@@ -79,7 +80,7 @@ def summarize(raw_path, top=15):
             self_counts[frames[-1]] += count
             for frame in set(frames):
                 inclusive[frame] += count
-    return {"samples": total, "rate": RATE,
+    return {"samples": total, "rate": RATE, "auth_request": inclusive[AUTH_REQUEST],
             "self": self_counts.most_common(top),
             "inclusive": [(f, c) for f, c in inclusive.most_common(top + 20)
                           if not f.startswith("threading.py:Thread.")][:top]}
