@@ -47,6 +47,7 @@ PIPE_SIZE = 262144          # bytes per splice: a stream arrives in many small p
                             # and a pipe holds 16 of them by default.  In-process,
                             # loopback: 1.2 GB/s with 64 KB pipes, 1.5 GB/s with 256 KB
 MIN_PIPE_SIZE = 65536       # a smaller pipe is not worth it: copy instead
+TCP = (socket.AF_INET, socket.AF_INET6)
 BURST_GAP = 1.0             # seconds without data that end a burst and free its pipe
 
 
@@ -223,9 +224,10 @@ class Relay:
 
 def _splice_pair(source, target):
     """Can bytes go from `source` to `target` by os.splice()?  Only between
-    two plain sockets (TLS must pass through OpenSSL), and only on Linux."""
-    return HAVE_SPLICE and isinstance(source, socket.socket) \
-        and isinstance(target, socket.socket)
+    two plain TCP sockets (TLS must pass through OpenSSL; a `unix:` client
+    copies, as older kernels cannot splice from those), and only on Linux."""
+    return HAVE_SPLICE and all(isinstance(sock, socket.socket) and sock.family in TCP
+                               for sock in (source, target))
 
 
 def _open_pipe():
