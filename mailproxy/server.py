@@ -130,6 +130,14 @@ class Listener(socketserver.TCPServer):
         finally:
             self.shutdown_request(request)
 
+    def shutdown_request(self, request):
+        """Close the client's socket.  socketserver shuts its sending side
+        first, a system call per session that does nothing here: the FIN
+        goes out with close() all the same, as nothing else holds the
+        socket (no makefile(), no fork after accept), and a relay has
+        already half-closed it."""
+        self.close_request(request)
+
     def track(self, session):
         self.worker.track(session)
 
