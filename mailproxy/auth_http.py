@@ -177,6 +177,10 @@ class _AbortableConnection(HTTPConnection):
     id, so a fast stop can cut it instead of waiting `auth_http_timeout`."""
     in_flight = None            # per AuthClient, set by _Adapter
 
+    def connect(self):
+        super().connect()
+        self.sock = _SteadyTimeout(self.sock)
+
     def request(self, *args, **kwargs):
         self.in_flight[threading.get_ident()] = self
         return super().request(*args, **kwargs)
@@ -186,6 +190,28 @@ class _AbortableConnection(HTTPConnection):
             return super().getresponse(*args, **kwargs)
         finally:
             self.in_flight.pop(threading.get_ident(), None)
+
+
+class _SteadyTimeout:
+    """The connection's socket, for urllib3, which sets its timeout again
+    before every request and every response: a system call each time (one
+    that lets go of the GIL), for a value that never changes here.  This
+    passes on only a change; everything else goes to the socket."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+
+    def settimeout(self, seconds):
+        if seconds != self._timeout:
+            self._sock.settimeout(seconds)
+            self._timeout = seconds
+
+    def gettimeout(self):
+        return self._timeout
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 class _Adapter(requests.adapters.HTTPAdapter):
