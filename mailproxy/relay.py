@@ -147,21 +147,9 @@ class Relay:
             if not count:
                 self._end_of(side, target)
                 return True
-            try:
-                left = count
-                while left:
-                    try:
-                        left -= os.splice(read_end, target.fileno(), left, flags=SPLICE_FLAGS)
-                    except BlockingIOError:
-                        if not wait_for(target, select.POLLOUT, self.idle_timeout):
-                            raise TimeoutError("peer does not read") from None
-            except TimeoutError:
-                self._stop("timeout")   # the peer stopped reading for proxy_timeout
+            if not self._deliver(lambda: _drain(read_end, target, count, self.idle_timeout),
+                                 count, side):
                 return True
-            except OSError:
-                self._stop("error")
-                return True
-            self._moved(count, side)
 
     def _wait_readable(self, source, poller):
         """Wait for bytes (or EOF) from `source`, up to the relay's time
@@ -175,26 +163,29 @@ class Relay:
                 return True
 
     def _send(self, target, data, side):
+        if isinstance(target, socket.socket):
+            return self._deliver(lambda: send_all(target, data, self.idle_timeout),
+                                 len(data), side)
+        return self._deliver(lambda: target.sendall(data), len(data), side)
+
+    def _deliver(self, write, count, side):
+        """Run `write`, which passes `count` bytes from `side` on, and count
+        them; False if it failed, or the peer stopped reading for
+        proxy_timeout: the relay is then stopped."""
         try:
-            if isinstance(target, socket.socket):
-                send_all(target, data, self.idle_timeout)
-            else:
-                target.sendall(data)
+            write()
         except TimeoutError:
-            self._stop("timeout")       # the peer stopped reading for proxy_timeout
+            self._stop("timeout")
             return False
         except OSError:
             self._stop("error")
             return False
-        self._moved(len(data), side)
-        return True
-
-    def _moved(self, count, side):
         self.last_traffic = time.monotonic()
         if side == "client":
             self.outcome.client_bytes += count
         else:
             self.outcome.backend_bytes += count
+        return True
 
     def _time_left(self):
         limit = min(self.idle_timeout, self.linger) if self.one_side_closed else self.idle_timeout
@@ -249,6 +240,17 @@ def _open_pipe():
             os.close(end)       # pipes: slower than copying 64 KB at a time
         return None
     return pipe
+
+
+def _drain(pipe, target, count, seconds):
+    """send_all() for `count` bytes waiting in a pipe: splice them into the
+    target socket, each wait for room at most `seconds` (TimeoutError)."""
+    while count:
+        try:
+            count -= os.splice(pipe, target.fileno(), count, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            if not wait_for(target, select.POLLOUT, seconds):
+                raise TimeoutError("peer does not read") from None
 
 
 def _buffered(sock):
