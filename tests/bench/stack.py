@@ -20,7 +20,6 @@ started, by pid, and waits for them.
 """
 
 import contextlib
-import datetime
 import http.server
 import multiprocessing
 import os
@@ -34,7 +33,9 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))            # tests/: peers.py
+sys.path.insert(0, str(REPO))                   # this checkout's mailproxy
 import peers  # noqa: E402
+from mailproxy.demo import throwaway_certificate  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 USER, PASSWORD = "bench", "secret"
@@ -118,33 +119,13 @@ def wait_greeting(port, greeting, alive=None, timeout=START_TIMEOUT, tls=False):
 
 
 def make_certificate(directory):
-    """A throwaway self-signed ECDSA P-256 certificate for 127.0.0.1 and
-    localhost; returns (cert path, key path)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
-                critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    """`mailproxy demo`'s throwaway self-signed ECDSA P-256 certificate (for
+    127.0.0.1 and localhost, a week long); returns (cert path, key path)."""
+    cert_path, key_path = throwaway_certificate(str(directory))
     # Dovecot reads the key as root, nginx's master as root: 0644 is fine
     # for a throwaway key in a private directory.
     os.chmod(key_path, 0o644)
-    return str(cert_path), str(key_path)
+    return cert_path, key_path
 
 
 def message(size, subject):
