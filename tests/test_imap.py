@@ -20,24 +20,17 @@ import pytest
 import fakes
 from fakes import ScriptedAuthService
 from harness import RunningProxy, free_port
-from mailproxy.imap import (BYE, CONTINUE_LITERAL, GREETING, ID_REPLY, INTERNAL_ERROR,
-                            INVALID, OK)
+from imap_client import assert_serving, greeted, ok
+from mailproxy.imap import BYE, CONTINUE_LITERAL, GREETING, ID_REPLY, INTERNAL_ERROR, INVALID
 from mailproxy.sasl import PASSWORD_CHALLENGE, USERNAME_CHALLENGE
+from transcript import b64
 
 DEFAULT_CAPABILITY = b"* CAPABILITY IMAP4 IMAP4rev1 UIDPLUS AUTH=PLAIN\r\n"
 SERVER_NAME = "mx.test"
 
 
-def ok(tag):
-    return tag + b" " + OK + b"\r\n"
-
-
 def bad(tag=b"*"):
     return tag + b" " + INVALID + b"\r\n"
-
-
-def b64(data):
-    return base64.b64encode(data)
 
 
 @pytest.fixture
@@ -78,20 +71,6 @@ def refused(client, tag=b"a"):
     """The auth service's refusal reaches the client, then the end."""
     assert client.line() == tag + b" NO Invalid login or password\r\n"
     assert client.closed()
-
-
-def greeted(proxy):
-    """A client that has read the greeting (use it in a `with`)."""
-    client = proxy.client()
-    assert client.line() == GREETING
-    return client
-
-
-def assert_serving(proxy):
-    """The proxy still greets and answers a new client."""
-    with greeted(proxy) as client:
-        client.send(b"z NOOP\r\n")
-        assert client.line() == ok(b"z")
 
 
 # -------------------------------------------------------------- greeting

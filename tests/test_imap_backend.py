@@ -25,22 +25,16 @@ import peers
 from conftest import USERS
 from fakes import Hang, ScriptedAuthService, ScriptedBackend
 from harness import RunningProxy, free_port, open_fds, wait_until
+from imap_client import assert_serving, greeted, ok
 from mailproxy.backend import imap_login
-from mailproxy.imap import GREETING, INTERNAL_ERROR, INVALID, OK
+from mailproxy.imap import INTERNAL_ERROR, INVALID
 from mailproxy.relay import BURST_GAP
 from mailproxy.session import MAX_WAIT_RETRIES
 from mailproxy.stream import Stream
+from transcript import b64
 
 BACKEND_OK = b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
 BIG = 4 * 1024 * 1024           # bytes each way in the relay tests
-
-
-def ok(tag):
-    return tag + b" " + OK + b"\r\n"
-
-
-def b64(data):
-    return base64.b64encode(data)
 
 
 def login_steps(tag=b"a", login=b"joe", password=b"secret", greeting=b"* OK Dovecot ready\r\n",
@@ -106,18 +100,6 @@ def through(start, auth, backend):
         auth.reply = fakes.ok(fake.host, fake.port, **reply)
         return start(settings, auth=auth.url), fake
     return through
-
-
-def greeted(proxy):
-    client = proxy.client()
-    assert client.line() == GREETING
-    return client
-
-
-def assert_serving(proxy):
-    with greeted(proxy) as client:
-        client.send(b"z NOOP\r\n")
-        assert client.line() == ok(b"z")
 
 
 def header_lines(request):

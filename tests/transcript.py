@@ -1,4 +1,4 @@
-"""What the POP3, SMTP and resolver transcripts share: the server name,
+"""What the IMAP, POP3, SMTP and resolver transcripts share: the server name,
 base64, the auth request's protocol headers, and an auth reply function
 that checks credentials the way a real auth service would."""
 
