@@ -14,8 +14,9 @@ One login, followed through the modules in the order it touches them:
     backend.py    logs in to that backend on the client's behalf, and
     relay.py      copies bytes both ways, untouched, until one side closes.
 
-stream.py is the bounded line reader under all of them; log.py formats
-nginx-style log lines.  Everything but cli.py is importable without click.
+stream.py is the bounded line reader under all of them (and waits on the
+non-blocking sockets); threads.py keeps finished session threads for the
+next session; log.py formats nginx-style log lines.  Everything but cli.py is importable without click.
 """
 
 __version__ = "0.1.0"
