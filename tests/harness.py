@@ -149,3 +149,4 @@ def reference_auth_service(users_path, poll=0.05):
         service.shutdown()
         service.server_close()
         thread.join(10)
+        assert not thread.is_alive()

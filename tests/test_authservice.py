@@ -20,17 +20,15 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from harness import free_port, wait_until
+from harness import free_port, reference_auth_service, wait_until
 from mailproxy import authservice
-from mailproxy.authservice import (INVALID, LOCKED, AuthService, UsersFileError, hash_password,
+from mailproxy.authservice import (INVALID, LOCKED, UsersFileError, hash_password,
                                    parse_users, plain_secret, set_password)
 from mailproxy.cli import main
 
@@ -71,25 +69,9 @@ def users_path(tmp_path, ann_secret):
     return path
 
 
-@contextmanager
-def running(path):
-    """The auth service on a free loopback port, served from a named thread."""
-    service = AuthService(("127.0.0.1", 0), str(path))
-    thread = threading.Thread(target=service.serve_forever, args=(POLL,),
-                              name="test auth service")
-    thread.start()
-    try:
-        yield service
-    finally:
-        service.shutdown()
-        service.server_close()
-        thread.join(10)
-        assert not thread.is_alive()
-
-
 @pytest.fixture
 def service(users_path):
-    with running(users_path) as service:
+    with reference_auth_service(users_path, POLL) as service:
         yield service
 
 
@@ -356,7 +338,7 @@ def test_hash_password_is_salted_scrypt_that_a_login_verifies(tmp_path, ann_secr
     assert hash_password(ANN_PASSWORD) != ann_secret
     path = tmp_path / "users.conf"
     path.write_text(f"ann {ann_secret} imap=127.0.0.1:2143\n")
-    with running(path) as service:
+    with reference_auth_service(path, POLL) as service:
         assert login(service, "ann", "pa%20ss%20word")[0] == ("Auth-Status", "OK")
         assert login(service, "ann", "pa%20ss%20word%20") == refused()
 
