@@ -266,6 +266,14 @@ class _AuthHandler(socketserver.StreamRequestHandler):
         return keep_alive
 
 
+# A backend that takes the LOGIN the proxy replays for joe/secret (spec
+# 4.2, synchronizing literals: no LITERAL+ in the greeting), then echoes.
+IMAP_LOGIN_THEN_ECHO = [
+    ("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
+    ("send", b"+ go\r\n"), ("expect", b"joe {6}\r\n"), ("send", b"+ go\r\n"),
+    ("expect", b"secret\r\n"), ("send", b"a OK logged in\r\n"), ("echo",)]
+
+
 @dataclass
 class BackendConnection:
     """What one connection to a `ScriptedBackend` did.

@@ -29,7 +29,7 @@ import tempfile
 
 import pytest
 
-from fakes import ScriptedAuthService, ScriptedBackend, ok
+from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 from harness import free_port, wait_until
 from mailproxy import imap
 from peers import in_ci
@@ -41,9 +41,7 @@ CLIENT_ADDRESS = "127.0.0.2"        # not HAProxy's 127.0.0.1: only the header c
 LOGINS = 6                          # logins per round (both nodes get some)
 IO_TIMEOUT = 10
 START_TIMEOUT = 15
-LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
-         ("send", b"+ go\r\n"), ("expect", b"joe {6}\r\n"), ("send", b"+ go\r\n"),
-         ("expect", b"secret\r\n"), ("send", b"a OK logged in\r\n"), ("echo",)]
+LOGIN = IMAP_LOGIN_THEN_ECHO
 NODE_CONFIG = """\
 worker_processes 1;
 error_log {log} info;

@@ -14,17 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from fakes import ScriptedAuthService, ScriptedBackend, ok
+from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 from harness import Client, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
-         ("send", b"+ go\r\n"), ("expect", b"joe {6}\r\n"), ("send", b"+ go\r\n"),
-         ("expect", b"secret\r\n"), ("send", b"a OK logged in\r\n"), ("echo",)]
+LOGIN = IMAP_LOGIN_THEN_ECHO
 CONFIG = """\
 worker_processes 2;
 error_log {log} info;

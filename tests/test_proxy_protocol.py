@@ -24,7 +24,7 @@ import pytest
 
 pytest.register_assert_rewrite("certs")     # a plugin below, imported before pytest loads it
 from certs import client_context
-from fakes import ScriptedAuthService, ScriptedBackend, ok
+from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 from harness import Client, RunningProxy, free_port, wait_until
 from mailproxy import config as configmod
 from mailproxy import imap, smtp
@@ -41,9 +41,7 @@ SIG = pp.V2_SIGNATURE
 V1_TCP4 = b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 143\r\n"
 V1_TCP6 = b"PROXY TCP6 2001:db8::7 2001:db8::1 51234 993\r\n"
 REAL = ProxyHeader("203.0.113.7", 51234, "192.0.2.1", 143)
-LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
-         ("send", b"+ go\r\n"), ("expect", b"joe {6}\r\n"), ("send", b"+ go\r\n"),
-         ("expect", b"secret\r\n"), ("send", b"a OK logged in\r\n"), ("echo",)]
+LOGIN = IMAP_LOGIN_THEN_ECHO
 
 
 def v2(command=pp.PROXY, family=pp.INET, transport=pp.STREAM, block=b"", version=2,
