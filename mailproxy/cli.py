@@ -95,9 +95,9 @@ def _report_test(config, path, dump):
     if config is None:
         _say(f"configuration file {path} test failed")
         return 1
-    for server in config.servers:
-        if dump and not (server.proxy_ssl or server.proxy_starttls):
-            _say(f"[warn] the server at {server.where} sends passwords to its backends in "
+    for block in config.servers:
+        if dump and not (block.proxy_ssl or block.proxy_starttls):
+            _say(f"[warn] the server at {block.where} sends passwords to its backends in "
                  "clear text (no proxy_ssl or proxy_starttls): keep them on loopback")
     _say(f"the configuration file {path} syntax is ok")
     _say(f"configuration file {path} test is successful")

@@ -20,6 +20,7 @@ refused command, `InternalError` for a failure the client can only be told
 about with the internal-error line.
 """
 
+import functools
 import itertools
 import logging
 import socket
@@ -423,10 +424,9 @@ class Session(socketserver.BaseRequestHandler):
             raise
         if self.tracer:
             self.backend = self.tracer.backend_stream(self.backend)
-        starttls = None
+        starttls = None         # proxy_starttls: the backend login upgrades first
         if tls and not tls.implicit:
-            def starttls():
-                backend_mod.start_tls(self.backend, tls, reply.server)
+            starttls = functools.partial(backend_mod.start_tls, self.backend, tls, reply.server)
         elif not tls:
             self.service.warn_clear_text(reply.server, self.log)
         try:
