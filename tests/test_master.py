@@ -177,11 +177,31 @@ def test_graceful_quit_waits_for_the_open_session(master):
     assert not master.pid_path.exists()
 
 
+def writes_to(pid, path):
+    """Does process `pid` hold `path` open?"""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}") == str(path):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def test_usr1_reopens_the_log_after_it_was_moved(master):
     moved = master.tmp / "error.log.1"
     os.rename(master.log_path, moved)
     master.signal(signal.SIGUSR1)
     assert wait_until(lambda: master.log_path.exists(), timeout=10)
+    # The master reopens first, then signals the workers: wait until no
+    # worker still writes to the moved file, or a login may be logged there.
+    assert wait_until(lambda: not any(writes_to(pid, moved) for pid in master.workers()),
+                      timeout=10)
     capability(master.port)
     with logged_in(master.port):
         pass
