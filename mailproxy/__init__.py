@@ -4,19 +4,24 @@ One login, followed through the modules in the order it touches them:
 
     cli.py        `mailproxy -c mail.conf` reads the command line,
     config.py     reads the nginx-syntax file (directives.py is the table),
-    server.py     opens one listener per `listen` and hands each accepted
-                  connection to a handler thread, which runs
+    server.py     opens one socketserver.ThreadingTCPServer-style listener
+                  per `listen`, which starts a handler thread per
+                  connection, which runs
     session.py    the protocol-independent dialogue: greet, read commands
                   under the `timeout` deadline, dispatch them to
     imap.py       the protocol's own verbs (pop3.py and smtp.py likewise),
     sasl.py       which decode credentials (PLAIN, LOGIN, CRAM-MD5, ...);
+    login.py      then takes the credentials on:
     auth_http.py  the auth service says yes (and to which backend) or no;
     backend.py    logs in to that backend on the client's behalf, and
-    relay.py      copies bytes both ways, untouched, until one side closes.
+    relay.py      a pair of copy threads moves bytes both ways, untouched,
+                  until one side closes.
 
-stream.py is the bounded line reader under all of them (and waits on the
-non-blocking sockets); threads.py keeps finished session threads for the
-next session; log.py formats nginx-style log lines.  Everything but cli.py is importable without click.
+stream.py is the bounded line reader under all of them (blocking sockets,
+each read and write under what is left of the phase's deadline); tls.py
+gives a TLS connection the same face; splice.py moves bulk bytes inside the
+kernel beside relay.py's copy loop; log.py formats nginx-style log lines.
+Everything but cli.py is importable without click.
 """
 
 __version__ = "0.1.0"

@@ -14,16 +14,12 @@ protocol's internal-error line.
 """
 
 import base64
-import errno
-import os
 import re
-import select
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 
-from .stream import Closed, Stream, TooLong, wait_for
+from .stream import Closed, Stream, TooLong
 
 LITERAL_MINUS_MAX = 4096  # RFC 7888: the longest non-synchronizing literal LITERAL- allows
 _GREETING_CAPABILITY = re.compile(rb"\* OK \[CAPABILITY ([^\]\r\n]*)\]", re.IGNORECASE)
@@ -38,29 +34,34 @@ class BackendError(Exception):
         self.reply = reply
 
 
-def connect(server, port, timeout, tls=None, proxy_header=b""):
-    """A Stream to the backend whose deadline covers connect + login;
-    with `proxy_ssl` (tls.implicit) the TLS handshake too.  A PROXY header
-    (`proxy_protocol on|v2`) is the first thing sent (spec 4.7)."""
-    deadline = time.monotonic() + timeout
+def new_socket(server):
+    """The socket for a backend at `server`, not yet connected.  The
+    session holds it before connect() starts, so that a fast stop can shut
+    down a connect in progress (socket.create_connection would hide the
+    socket until it is connected)."""
     # Auth-Server is an IP literal (spec 2.4): no name lookup is needed.
-    # Non-blocking from the start, for good (stream.py does the waiting).
-    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET,
-                         socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    error = sock.connect_ex((server, port))
-    if error == errno.EINPROGRESS:
-        if not wait_for(sock, select.POLLOUT, timeout):
-            sock.close()
-            raise BackendError("upstream timed out (connecting)")
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if error:
-        sock.close()
-        raise BackendError(f"connect() failed ({error}: {os.strerror(error)})")
+    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def connect(sock, server, port, timeout, tls=None, proxy_header=b""):
+    """Connect `sock` (new_socket) and return a Stream to the backend whose
+    deadline covers connect + login; with `proxy_ssl` (tls.implicit) the
+    TLS handshake too.  A PROXY header (`proxy_protocol on|v2`) is the
+    first thing sent (spec 4.7).  The caller closes `sock` when done with
+    it, after a failure too."""
+    stream = Stream(sock)
+    stream.set_deadline(timeout)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((server, port))
+    except TimeoutError:
+        raise BackendError("upstream timed out (connecting)") from None
+    except OSError as exc:
+        raise BackendError(f"connect() failed ({exc.errno}: {exc.strerror})") from None
     if proxy_header:
         send_proxy_header(sock, proxy_header)
-    stream = Stream(sock)
-    stream.deadline = deadline
     if tls and tls.implicit:
         start_tls(stream, tls, server)
     return stream

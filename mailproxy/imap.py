@@ -151,7 +151,7 @@ class ImapSession(Session):
         if len(command.args) != 2 or not command.args[0]:
             raise Rejected(self.invalid_reply(command))
         self.tag = command.tag
-        self.authenticate(Credentials("plain", *command.args))
+        return Credentials("plain", *command.args)
 
     def do_AUTHENTICATE(self, command):
         if not 1 <= len(command.args) <= 2:
@@ -171,7 +171,7 @@ class ImapSession(Session):
         except TooLong:         # a SASL line is a credential, not a tag to echo
             raise TooLong(command.tag + b" ") from None
         self.tag = command.tag
-        self.authenticate(credentials)
+        return credentials
 
     # ------------------------------------------- shared-frame hooks
 

@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from .directives import Syslog
 
@@ -195,25 +196,47 @@ def setup(config):
     return destinations, main, servers
 
 
+@dataclass(slots=True)
+class LogContext:
+    """What a session's log lines say about it, kept up to date by the
+    session: its connection number ("*N"), the step it is in (nginx's
+    "while ..." text), client and server addresses, the login (printable;
+    None until known) and the backend ("" until known)."""
+    conn: int
+    client: str
+    server: str
+    step: str = "in auth state"
+    login: str = None
+    upstream: str = ""
+
+
 class SessionLog(logging.LoggerAdapter):
     """A session's logger: `*CONN message while <step>, client: ..., ...`.
-
-    `extra` is the session itself; it must offer `conn`, `step`,
-    `client_text`, `server_text`, `login_text` and `upstream_text`.
-    """
+    `extra` is the session's LogContext."""
 
     def process(self, msg, kwargs):
-        session = self.extra
-        parts = [f"client: {session.client_text}", f"server: {session.server_text}"]
-        if session.login_text is not None:
-            parts.append(f'login: "{session.login_text}"')
-        if session.upstream_text:
-            parts.append(f"upstream: {session.upstream_text}")
+        context = self.extra
+        parts = [f"client: {context.client}", f"server: {context.server}"]
+        if context.login is not None:
+            parts.append(f'login: "{context.login}"')
+        if context.upstream:
+            parts.append(f"upstream: {context.upstream}")
         # The context is added after %-formatting, never to the format string:
         # a login may hold "%", and "%s" there would break (or drop) the line.
-        kwargs["extra"] = {"conn": session.conn,
-                           "context": f" while {session.step}, {', '.join(parts)}"}
+        kwargs["extra"] = {"conn": context.conn,
+                           "context": f" while {context.step}, {', '.join(parts)}"}
         return msg, kwargs
+
+
+def hostport(host, port):
+    """An address as logs write it: `host:port`, `[v6]:port`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def printable(login):
+    """A login as logs show it: at most 256 bytes, never a control byte."""
+    text = login[:256].decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 # ----------------------------------------------------------- the summary

@@ -95,12 +95,12 @@ class Pop3Session(Session):
     def do_PASS(self, command):
         if len(command.args) != 1:
             raise Rejected(INVALID)
-        self.authenticate(Credentials("plain", self.user, command.args[0]))
+        return Credentials("plain", self.user, command.args[0])
 
     def do_APOP(self, command):
         if len(command.args) != 2 or not self.service.texts.apop:
             raise Rejected(INVALID)
-        self.authenticate(apop(command.args[0], command.args[1], self.salt))
+        return apop(command.args[0], command.args[1], self.salt)
 
     def do_AUTH(self, command):
         if not command.args:
@@ -115,7 +115,7 @@ class Pop3Session(Session):
             credentials = self.sasl(mechanism, initial, _continuation, COMMAND_LIMIT)
         except SaslError:
             raise Rejected(INVALID) from None
-        self.authenticate(credentials)
+        return credentials
 
     def do_STLS(self, command):
         self.upgrade(command, OK)

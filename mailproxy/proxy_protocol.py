@@ -32,14 +32,13 @@ one write before anything else.
 """
 
 import ipaddress
-import select
 import socket
 import struct
 import time
 from dataclasses import dataclass
 
 from .directives import UNIX_PREFIX
-from .stream import Closed, wait_for
+from .stream import Closed
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107                # the longest v1 line, CRLF included (proxy-protocol.txt 2.1)
@@ -77,26 +76,20 @@ class ProxyHeader:
 
 # ------------------------------------------------------------- the session
 
-def receive(session):
-    """Read the header on a `listen ... proxy_protocol` connection and apply
-    `set_real_ip_from`.  Returns False after a broken header (logged; the
-    session then closes without a reply).  A timeout or a close propagates
+def receive(sock, deadline):
+    """The header on a `listen ... proxy_protocol` connection, read from
+    `sock` before anything else: a ProxyHeader, or None when it carries no
+    client address.  Raises BrokenHeader; a timeout or a close propagates
     to the session's funnel like any other read."""
-    session.set_step("reading PROXY protocol")
-    try:
-        header = parse(read_header(session.request, session.client.deadline))
-    except BrokenHeader as exc:
-        session.log.error("broken header: %s", exc)
-        return False
-    if header is not None:
-        session.log.debug("PROXY protocol src: %s %d, dst: %s %d", header.source,
-                          header.source_port, header.destination, header.destination_port)
-    session.set_step("in auth state")
-    session.proxy_header = header
-    if header is not None and trusted(session.client_address, session.config.set_real_ip_from):
-        session.client_address = (header.source, header.source_port)
-        session.client_text = header.source
-    return True
+    return parse(read_header(sock, deadline))
+
+
+def real_client(header, peer, networks):
+    """The client's address for logs and the auth service: the header's
+    source when the TCP peer is trusted (`set_real_ip_from`), else `peer`."""
+    if header is not None and trusted(peer, networks):
+        return (header.source, header.source_port)
+    return peer
 
 
 def trusted(peer, networks):
@@ -125,12 +118,14 @@ def auth_headers(header, extra):
     return tuple(extra[:split]) + ours + tuple(extra[split:])
 
 
-def outgoing(session):
-    """The header `proxy_protocol on|v2` sends the backend, or b"" (off)."""
-    build = BUILDERS.get(session.config.proxy_protocol)
+def outgoing(mode, client_address, local_address):
+    """The header `proxy_protocol on|v2` (`mode`) sends the backend for a
+    client at `client_address` that connected to `local_address`, or b""
+    (off)."""
+    build = BUILDERS.get(mode)
     if build is None:
         return b""
-    return build(session.client_address, session.request.getsockname())
+    return build(client_address, local_address)
 
 
 # ----------------------------------------------------------------- reading
@@ -163,12 +158,9 @@ class _Reader:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("deadline passed")
-        if not wait_for(self.sock, select.POLLIN, left):
-            raise TimeoutError("timed out")
+        self.sock.settimeout(left)
         try:
             data = self.sock.recv(size, flags)
-        except BlockingIOError:
-            return b""                  # woken without data: callers read again
         except ConnectionError:
             raise Closed() from None
         if not data:

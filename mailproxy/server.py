@@ -1,15 +1,18 @@
 """Listeners, the worker that owns them, signals and the pid file.
 
-One `Listener` (a socketserver.TCPServer) per listening socket accepts
-connections and hands each to a new, named, non-daemon thread, where the
-server's session class (`ImapSession`, ...) runs the dialogue.  Several
-`listen` lines may share a port: as in nginx, a specific address on a port
-that also has a wildcard is served by the wildcard's socket (unless it says
-`bind`), and the session's server is picked by the local address.
+One `Listener` per listening socket is a `socketserver.ThreadingMixIn` +
+`TCPServer` (what `socketserver.ThreadingTCPServer` is): its
+serve_forever() loop accepts connections and starts one handler thread per
+connection, named after the client, in which the server's session class
+(`ImapSession`, ...) runs the whole dialogue.  Several `listen` lines may
+share a port: as in nginx, a specific address on a port that also has a
+wildcard is served by the wildcard's socket (unless it says `bind`), and
+the session's server is picked, once, by the local address.
 
 `Worker` is the running program: it opens the listeners, counts sessions
-against `worker_connections`, and stops on signals the way nginx does:
-SIGQUIT stops accepting and lets sessions finish; SIGTERM and SIGINT end
+against `worker_connections`, keeps the registry of running sessions, and
+stops on signals the way nginx does: SIGQUIT stops accepting and lets
+sessions finish (for at most `shutdown_timeout`); SIGTERM and SIGINT end
 everything at once.
 """
 
@@ -29,7 +32,7 @@ import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
-from . import metrics, status, threads, tls
+from . import metrics, status, tls
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .pop3 import Pop3Session
@@ -37,6 +40,9 @@ from .smtp import SmtpSession
 
 SESSION_CLASSES = {"imap": ImapSession, "pop3": Pop3Session, "smtp": SmtpSession}
 POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
+STOP_GRACE = 0.5            # a fast stop waits this long for the cut sessions to log
+                            # their end; one still waiting on the auth service (its
+                            # own timeout) ends with the process
 UNIX_SOCKET_MODE = 0o666    # nginx's: the directory, not the socket, says who may connect
 STALE_PROBE_TIMEOUT = 1.0   # a live unix: listener accepts a probe at once
 
@@ -77,10 +83,21 @@ def _is_loopback(address):
     return ipaddress.ip_address(address).is_loopback
 
 
-class Listener(socketserver.TCPServer):
+class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """One listening socket, opened by `open_socket` (here, or in the master
     process before it forked us).  `routes` maps a local (host, port) to the
-    (service, Listen entry) that serves it; `default` serves the rest."""
+    (service, Listen entry) that serves it; `default` serves the rest.
+
+    Handler threads are daemon threads (`daemon_threads`), and
+    server_close() does not wait for them (`block_on_close` off): the
+    Worker's session registry is what waits for sessions, so that a
+    graceful stop can give up after `shutdown_timeout` and a fast stop
+    after cutting every session, rather than waiting for ever.  A thread
+    left behind then (one waiting on the auth service) ends with the
+    process."""
+
+    daemon_threads = True
+    block_on_close = False
 
     def __init__(self, sock, entry, default, routes, worker):
         socketserver.BaseServer.__init__(self, (entry.host, entry.port), None)
@@ -88,6 +105,8 @@ class Listener(socketserver.TCPServer):
         # Every worker polls the same socket and all wake for one client; the
         # losers' accept() must fail (BlockingIOError, ignored by socketserver)
         # rather than block, or a worker told to stop would wait in accept().
+        # Only the listening socket: an accepted one is blocking (accept4()
+        # does not pass O_NONBLOCK on).
         sock.setblocking(False)
         self.entry, self.default, self.routes, self.worker = entry, default, routes, worker
 
@@ -96,6 +115,35 @@ class Listener(socketserver.TCPServer):
         its socket to a path: it is no client address (logs say "unix:")."""
         request, client_address = self.socket.accept()
         return request, "" if self.entry.family == socket.AF_UNIX else client_address
+
+    def process_request(self, request, client_address):
+        """In the listener's thread: admit the connection (worker_connections),
+        then start its handler thread (ThreadingMixIn)."""
+        if not self.worker.admit():
+            self.worker.log.warning("%d worker_connections are not enough, closing "
+                                    "connection from %s", self.worker.max_sessions,
+                                    _peer_host(client_address))
+            self.worker.meter.dropped()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:           # no thread to be had: the session is over
+            self.worker.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        """The handler thread: the session, then always close and count."""
+        threading.current_thread().name = f"session {_peer(client_address)}"
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.worker.release()
+
+    def finish_request(self, request, client_address):
+        """Route once, by the local address, and run that server's session."""
+        service, listen = self.route(request)
+        service.session_class(request, client_address, self, service, listen)
 
     def route(self, sock):
         """(service, Listen entry) for an accepted connection."""
@@ -107,42 +155,9 @@ class Listener(socketserver.TCPServer):
             return self.default
         return self.routes.get(local, self.default)
 
-    def process_request(self, request, client_address):
-        if not self.worker.admit():
-            self.worker.log.warning("%d worker_connections are not enough, closing "
-                                    "connection from %s", self.worker.max_sessions,
-                                    _peer_host(client_address))
-            self.worker.meter.dropped()
-            self.shutdown_request(request)
-            return
-        job = threads.Job(self._serve, (request, client_address),
-                          f"session {_peer(client_address)}", on_done=self.worker.finished)
-        self.worker.started(job)
-        self.worker.threads.run(job)
-
-    def _serve(self, request, client_address):
-        """The handler thread: run the session, then always close and count."""
-        try:
-            service, _ = self.route(request)
-            service.session_class(request, client_address, self)
-        except Exception:
-            self.worker.log.exception("session crashed")
-        finally:
-            self.shutdown_request(request)
-
-    def shutdown_request(self, request):
-        """Close the client's socket.  socketserver shuts its sending side
-        first, a system call per session that does nothing here: the FIN
-        goes out with close() all the same, as nothing else holds the
-        socket (no makefile(), no fork after accept), and a relay has
-        already half-closed it."""
-        self.close_request(request)
-
-    def track(self, session):
-        self.worker.track(session)
-
-    def untrack(self, session):
-        self.worker.untrack(session)
+    def handle_error(self, request, client_address):
+        """A session raised past its own funnel (a bug): log it, go on."""
+        self.worker.log.exception("session crashed")
 
 
 class Worker:
@@ -155,11 +170,13 @@ class Worker:
         self.config = config
         self.single = single            # no master: this process owns the pid file
         self.max_sessions = config.worker_connections
-        self.lock = threading.RLock()   # guards the two sets below (session threads;
-                                        # reentrant: a signal handler may take it too)
-        self.jobs = set()               # the sessions running (threads.Job)
-        self.threads = threads.Threads()    # reused for sessions and their relays
-        self.sessions = set()
+        # Guards `active` and `sessions`, which the listeners' and the
+        # sessions' threads change; reentrant: a signal handler may take it too.
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)     # `active` went down
+        self.active = 0                 # sessions admitted and not yet ended
+        self.sessions = set()           # the running sessions (Session objects)
+        self.cutting = False            # a fast stop is under way: abort newcomers too
         self.listeners = []
         self.stopping = threading.Event()
         self.how = "quit"
@@ -177,24 +194,35 @@ class Worker:
     # ------------------------------------------------------- sessions
 
     def admit(self):
+        """Count one more session, if worker_connections allows it."""
         with self.lock:
-            return len(self.jobs) < self.max_sessions
+            if self.active >= self.max_sessions:
+                return False
+            self.active += 1
+            return True
 
-    def started(self, job):
-        with self.lock:
-            self.jobs.add(job)
-
-    def finished(self, job):
-        with self.lock:
-            self.jobs.discard(job)
+    def release(self):
+        """A session's thread is done with it."""
+        with self.changed:
+            self.active -= 1
+            self.changed.notify_all()
 
     def track(self, session):
         with self.lock:
             self.sessions.add(session)
+            cut = self.cutting
+        if cut:
+            session.abort()
 
     def untrack(self, session):
         with self.lock:
             self.sessions.discard(session)
+
+    def wait_for_sessions(self, timeout=None):
+        """Wait until every admitted session has ended (at most `timeout`
+        seconds); False if some still run."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.active == 0, timeout)
 
     # ------------------------------------------------------ life cycle
 
@@ -256,31 +284,30 @@ class Worker:
 
     def abort_sessions(self):
         with self.lock:
+            self.cutting = True
             sessions = list(self.sessions)
         for session in sessions:
             session.abort()
 
     def shutdown(self):
         """Stop accepting; on "stop" also cut every session; then wait for
-        every session thread, so nothing is left running."""
+        the sessions to end: all of them on "quit" (or until
+        shutdown_timeout, then cut the rest), and STOP_GRACE after a cut."""
         self.log.log(logmod.NOTICE, "%s: stopping", "gracefully" if self.how == "quit"
                      else "fast")
         for listener in self.listeners:
             listener.shutdown()         # returns once serve_forever has stopped
         self.close_listeners()
-        if self.how == "quit" and self.config.shutdown_timeout:
-            deadline = time.monotonic() + self.config.shutdown_timeout
-            for job in list(self.jobs):
-                job.join(max(0.0, deadline - time.monotonic()))
-            if self.jobs:
-                self.log.log(logmod.NOTICE, "shutdown timeout: closing %d sessions",
-                             len(self.jobs))
-                self.how = "stop"
-        if self.how != "quit":
+        if self.how == "quit" and self.config.shutdown_timeout and \
+                not self.wait_for_sessions(self.config.shutdown_timeout):
+            self.log.log(logmod.NOTICE, "shutdown timeout: closing %d sessions",
+                         self.active)
+            self.how = "stop"
+        if self.how == "quit":
+            self.wait_for_sessions()
+        else:
             self.abort_sessions()
-        for job in list(self.jobs):
-            job.join()
-        self.threads.close()
+            self.wait_for_sessions(STOP_GRACE)
         for service in self.services:
             service.auth.close()
         if self.status:

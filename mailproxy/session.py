@@ -2,49 +2,49 @@
 
 `Session` is the socketserver request handler, as
 `http.server.BaseHTTPRequestHandler` is: the listener makes one per accepted
-connection, in its own thread, and `handle()` runs the whole dialogue:
+connection, in its own handler thread, and `handle()` runs the whole
+dialogue:
 
-    greet -> read a command -> dispatch to do_<VERB> -> ... -> authenticate
-          -> ask the auth service -> log in to the backend -> relay -> close
+    greet -> read a command -> dispatch to do_<VERB> -> ...
+          -> credentials -> login.py: auth service, backend, relay -> close
 
 IMAP, POP3 and SMTP subclass it.  A subclass supplies its texts (greeting,
-internal-error line), `read_command()` (its parser), the `do_<VERB>` methods
-(found by name once, when the class is made), the `STATES` table of which
-verbs are legal when, and `backend_login()`.  The shared machinery lives
-here: the `timeout` deadline for the pre-login phase, the `max_errors`
-budget, SASL exchanges, Auth-Wait and WAIT handling, and the single place
-where every exception becomes a log line and, if still possible, a reply.
+internal-error line), `read_command()` (its parser), the `do_<VERB>`
+methods (found by name once, when the class is made), the `STATES` table of
+which verbs are legal when, and the hooks at the end of the class.  A
+handler that has taken credentials returns them (sasl.Credentials); the
+command loop then hands them to login.log_in(), and the handler itself
+never talks to the auth service or the backend.
+
+The shared machinery lives here: the `timeout` deadline for the pre-login
+phase (set on the client Stream, which re-arms the socket's timeout with
+what is left of it before every read and write), the `max_errors` budget,
+SASL exchanges, STARTTLS, and the single place where every exception
+becomes a log line and, if still possible, a reply.
 
 Handlers raise, they do not write error replies: `Rejected(reply)` for a
 refused command, `InternalError` for a failure the client can only be told
 about with the internal-error line.
 """
 
-import functools
 import itertools
 import logging
 import socket
-import ssl
 import socketserver
-import threading
+import ssl
 import time
 
-from . import backend as backend_mod
-from . import metrics
-from . import proxy_protocol
-from . import trace
-from .auth_http import AuthRequest, AuthServiceError
+from . import login as login_step
+from . import metrics, proxy_protocol, trace
+from .auth_http import AuthServiceError
 from .backend import BackendError
-from .log import SessionLog, session_summary
-from .relay import Relay
+from .log import LogContext, SessionLog, hostport, printable, session_summary
 from .sasl import EXCHANGES, make_salt
 from .stream import Closed, Stream, TooLong
 from .tls import TlsChannel, certificate_headers
 
 QUIT_VERBS = frozenset({"LOGOUT", "QUIT"})     # the client's own goodbye
 RELAY_READ = 65536          # bytes per relay read: see relay_buffers()
-MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
-                            # (nginx loops for ever; its docs suggest 10-20 attempts)
 _connections = itertools.count(1)   # nginx's connection number, "*N" in logs
 
 
@@ -75,8 +75,11 @@ class Command:
 
 class Session(socketserver.BaseRequestHandler):
     """One client connection.  Subclasses set the class attributes below
-    and define `read_command`, `greet`, the `do_<VERB>` handlers,
-    `auth_failed_reply` and `backend_login`."""
+    and define `read_command`, `greet`, the `do_<VERB>` handlers and the
+    hooks at the end (command_limit, invalid_reply, too_long_reply,
+    auth_failed_reply, backend_login; back_to_start and auth_extra_headers
+    have defaults).  `service` is the server{}'s shared, read-only part
+    (server.Service); `listen` the `listen` entry the client came in on."""
 
     protocol = ""
     INTERNAL_ERROR = b""
@@ -84,7 +87,6 @@ class Session(socketserver.BaseRequestHandler):
     BLOCKED_BEFORE_TLS = frozenset()    # verbs `starttls only` refuses in clear text
     STATES = {"start": ()}          # state -> verbs accepted in it
     needs_backend_password = True   # IMAP/POP3 must have a clear-text password
-    proxy_header = None             # what a PROXY header said (proxy_protocol.py)
     handlers = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -92,53 +94,53 @@ class Session(socketserver.BaseRequestHandler):
         cls.handlers = {name[3:]: getattr(cls, name) for name in dir(cls)
                         if name.startswith("do_")}
 
+    def __init__(self, request, client_address, listener, service, listen):
+        self.service, self.listen = service, listen
+        super().__init__(request, client_address, listener)
+
     # ------------------------------------------------------------ frame
 
     def setup(self):
-        self.service, self.listen = self.server.route(self.request)
-        self.server_text = self.listen.name
         self.config = self.service.config
-        self.conn = next(_connections)
-        self.request.setblocking(False)     # for good: stream.py does the waiting
         self.client = Stream(self.request)
-        self.backend = None
+        self.backend = None             # a Stream, once connected
+        self.backend_socket = None      # held from before connect(), for abort()
         self.state = "start"
         self.errors = 0
-        self.attempt = 0
+        self.attempt = 0                # logins asked about so far (Auth-Login-Attempt)
         self.quit = False
         self.auth_reply = None
         self.salt = b""
-        self.step = "in auth state"
-        self.login = None
-        self.upstream_text = ""
-        self.client_text = self.client_address[0] if self.client_address else "unix:"
-        self.log = SessionLog(self.service.logger, self)
+        self.proxy_header = None        # what a PROXY header said (proxy_protocol.py)
+        client = self.client_address[0] if self.client_address else "unix:"
+        self.context = LogContext(next(_connections), client, self.listen.name)
+        self.log = SessionLog(self.service.logger, self.context)
         self.started = time.monotonic()
         self.ending = None              # why it ended: one of log.REASONS
         self.stopped = False            # cut by a fast stop
         self.relayed = (0, 0)           # bytes the relay moved from / to the client
-        self.tracer = trace.for_session(self)       # None unless `trace` is set
+        self.tracer = trace.Tracer(self.config.trace, self.protocol, self.log,
+                                   lambda: self.context.client) if self.config.trace else None
         if self.tracer:
             self.client = self.tracer.client_stream(self.client)
         if self.request.family != socket.AF_UNIX:
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.thread_id = threading.get_ident()
-        self.server.track(self)
         self.meter = self.server.worker.meter      # the status page's counters
         self.phase = metrics.GREETING
         self.meter.opened(self.protocol)
+        self.server.worker.track(self)
 
     def finish(self):
         self.meter.closed(self.protocol, self.phase)
-        self.server.untrack(self)
-        if self.backend:
-            self.backend.sock.close()
+        self.server.worker.untrack(self)
+        if self.backend_socket:
+            self.backend_socket.close()
 
     def handle(self):
         """The funnel: every way a session can end is logged here, once,
         then summed up in one line (log.session_summary)."""
         self.log.info("client %s connected to %s", _peer(self.client_address),
-                      self.server_text)
+                      self.context.server)
         try:
             self.run()
             self.ended("invalid")   # unnamed: a broken PROXY header, an early talker
@@ -151,21 +153,21 @@ class Session(socketserver.BaseRequestHandler):
         except TooLong as exc:
             self.ended("invalid")
             self.log.info("client sent too long command")
-            self._send_quietly(self.too_long_reply(exc.head))
+            self.send_quietly(self.too_long_reply(exc.head))
         except ssl.SSLError as exc:
             self.ended("tls")
             self.log.info("SSL error with the client (%s)", exc.reason or exc)
         except (InternalError, AuthServiceError, BackendError) as exc:
             self.ended("backend" if isinstance(exc, BackendError) else "error")
             self.log.error("%s", exc)
-            self._send_quietly(self.INTERNAL_ERROR)
+            self.send_quietly(self.INTERNAL_ERROR)
         except OSError as exc:
             self.ended("error")
             self.log.info("%s", exc.strerror or exc)
         except Exception:
             self.ended("error")
             self.log.exception("unexpected error")
-            self._send_quietly(self.INTERNAL_ERROR)
+            self.send_quietly(self.INTERNAL_ERROR)
         if self.log.isEnabledFor(logging.INFO):    # the summary is worth skipping
             self.log.info("session done: %s", self.summary())
 
@@ -176,26 +178,30 @@ class Session(socketserver.BaseRequestHandler):
 
     def summary(self):
         """The closing line's fields; the bytes count both phases."""
-        client = _hostport(*self.client_address[:2]) if self.client_address else "unix:"
+        client = hostport(*self.client_address[:2]) if self.client_address else "unix:"
         tls = self.client.sock.version if self.client.secure else None
-        return session_summary(client, self.protocol, self.login_text, self.upstream_text,
-                               tls, self.client.received + self.relayed[0],
+        return session_summary(client, self.protocol, self.context.login,
+                               self.context.upstream, tls,
+                               self.client.received + self.relayed[0],
                                self.client.sent + self.relayed[1],
                                time.monotonic() - self.started,
                                "stop" if self.stopped else self.ending)
 
     def run(self):
         self.client.set_deadline(self.config.timeout)
-        if self.listen.proxy_protocol and not proxy_protocol.receive(self):
+        if self.listen.proxy_protocol and not self.read_proxy_header():
             return                  # a broken header: closed without a reply (spec 5.6)
         if self.listen.ssl:
             self.start_tls()
         if not self.quit:
             self.greet()
         while not self.quit:
-            self.next_command()
+            credentials = self.next_command()
+            if credentials is not None:
+                login_step.log_in(self, credentials)
 
     def next_command(self):
+        """Read and run one command; the credentials it took, if any."""
         try:
             command = self.read_command()
             handler = self.handlers.get(command.verb)
@@ -205,11 +211,13 @@ class Session(socketserver.BaseRequestHandler):
                 raise Rejected(self.invalid_reply(command))
             if command.verb in self.BLOCKED_BEFORE_TLS and self.tls_mode == "only":
                 raise Rejected(self.invalid_reply(command))
-            handler(self, command)
+            credentials = handler(self, command)
             if self.quit and command.verb in QUIT_VERBS:
                 self.ended("quit")
+            return credentials
         except Rejected as exc:
             self.reject(exc)
+            return None
 
     def reject(self, exc):
         """Send a refusal; count it if the parser refused (max_errors)."""
@@ -228,7 +236,7 @@ class Session(socketserver.BaseRequestHandler):
     def send(self, data):
         self.client.write(data)
 
-    def _send_quietly(self, data):
+    def send_quietly(self, data):
         """A last word before closing; the client may already be gone."""
         try:
             self.client.write(data)
@@ -236,29 +244,50 @@ class Session(socketserver.BaseRequestHandler):
             pass
 
     def abort(self):
-        """Called from another thread (fast stop): end this session now."""
+        """Called from another thread (fast stop): end this session now.
+        Shutting the sockets down wakes any read, write or connect in
+        progress; a request to the auth service ends by its own timeout."""
         self.stopped = True
-        for sock in (self.request, self.backend.sock if self.backend else None):
-            sock = getattr(sock, "sock", sock)      # the socket under a TlsChannel
+        for sock in (self.request, self.backend_socket):
             if sock is not None:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self.service.auth.abort(self.thread_id)
+
+    def read_proxy_header(self):
+        """`listen ... proxy_protocol`: the balancer's header comes before
+        anything else.  False after a broken one (logged)."""
+        self.set_step("reading PROXY protocol")
+        try:
+            header = proxy_protocol.receive(self.request, self.client.deadline)
+        except proxy_protocol.BrokenHeader as exc:
+            self.log.error("broken header: %s", exc)
+            return False
+        if header is not None:
+            self.log.debug("PROXY protocol src: %s %d, dst: %s %d", header.source,
+                           header.source_port, header.destination, header.destination_port)
+        self.set_step("in auth state")
+        self.proxy_header = header
+        self.client_address = proxy_protocol.real_client(header, self.client_address,
+                                                         self.config.set_real_ip_from)
+        if self.client_address:
+            self.context.client = self.client_address[0]
+        return True
 
     # ----------------------------------------------------- for the logs
 
     @property
-    def login_text(self):
-        """The login as logs show it: printable, never a control byte."""
-        if self.login is None:
-            return None
-        text = self.login[:256].decode("utf-8", "backslashreplace")
-        return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+    def client_text(self):
+        """The client's address as logs and the auth service see it."""
+        return self.context.client
+
+    def set_login(self, login):
+        """The login the logs name (bytes; None: none yet)."""
+        self.context.login = None if login is None else printable(login)
 
     def set_step(self, text):
-        self.step = text
+        self.context.step = text
 
     def enter(self, phase):
         """Move to another phase (metrics.PHASES) on the status page."""
@@ -280,9 +309,9 @@ class Session(socketserver.BaseRequestHandler):
         """Handshake with the client (implicit TLS, or after STARTTLS) under
         the `timeout` deadline, then check its certificate (spec 5.3).
         The command loop then starts again; there is no new greeting."""
-        self.step = "SSL handshaking"
+        self.set_step("SSL handshaking")
         self.client.start_tls(TlsChannel(self.request, self.service.tls, server_side=True))
-        self.step = "in auth state"
+        self.set_step("in auth state")
         self.state = "start"
         channel = self.client.sock
         self.log.debug("SSL handshake done: %s, %s", channel.version, channel.cipher)
@@ -327,147 +356,20 @@ class Session(socketserver.BaseRequestHandler):
             self.salt = make_salt(self.config.server_name)
         return self.salt
 
-    # ------------------------------------------------ authentication
+    # ------------------------------------------- what subclasses define
 
-    def authenticate(self, credentials):
-        """Ask the auth service; on success log in to the backend and relay.
-        On a refusal the client gets the error; with Auth-Wait the session
-        goes back to the start state, as nginx does."""
-        self.attempt += 1
-        self.login = credentials.login
-        if self.tracer:
-            self.tracer.login(credentials.login)
-        self.step = "in http auth state"
-        self.enter(metrics.AUTH_SERVICE)
-        self.client.set_deadline(None)
-        reply = self.auth_reply = self.ask_auth_service(credentials)
-        if not reply.ok:
-            self.refused(reply)
-            return
-        self.proxy(credentials, reply)
-
-    def auth_request(self, credentials):
-        return AuthRequest(method=credentials.method, login=credentials.login,
-                           password=credentials.password, salt=credentials.salt,
-                           protocol=self.protocol, attempt=self.attempt,
-                           client_ip=self.client_text,
-                           extra=proxy_protocol.auth_headers(self.proxy_header,
-                                                             self.auth_extra_headers())
-                           + self.tls_headers())
-
-    def auth_extra_headers(self):
-        """Protocol-specific request headers (SMTP adds Client-Host)."""
-        return ()
-
-    def ask_auth_service(self, credentials):
-        """The auth service's answer, asking again (same attempt number)
-        while it says WAIT, at most MAX_WAIT_RETRIES times."""
-        request = self.auth_request(credentials)
-        reply = self.ask_once(request)
-        for _ in range(MAX_WAIT_RETRIES):
-            if not reply.retry:
-                return reply
-            self.log.info("auth http server asked to wait %ss", reply.wait)
-            self.client.wait(reply.wait, self.command_limit())
-            reply = self.ask_once(request)
-        if reply.retry:
-            raise AuthServiceError(f"auth http server answered WAIT {MAX_WAIT_RETRIES + 1} times")
-        return reply
-
-    def ask_once(self, request):
-        """One auth service round trip, timed and counted for the status page."""
-        started = time.monotonic()
-        try:
-            reply = self.service.auth.ask(request)
-        except AuthServiceError:
-            self.meter.auth(self.protocol, metrics.ERROR, time.monotonic() - started)
-            raise
-        self.meter.auth(self.protocol, metrics.auth_result(reply), time.monotonic() - started)
-        return reply
-
-    def refused(self, reply):
-        self.log.info('client login failed: "%s"', reply.status)
-        if not reply.wait:
-            self.ended("auth")
-            self.send(self.auth_failed_reply(reply))
-            self.quit = True
-            return
-        self.client.wait(reply.wait, self.command_limit())
-        self.send(self.auth_failed_reply(reply))
-        self.back_to_start()
-        self.step = "in auth state"
-        self.enter(metrics.GREETING)
-        self.client.set_deadline(self.config.timeout)
+    def command_limit(self):
+        """The client command buffer size: the longest command accepted."""
+        raise NotImplementedError
 
     def back_to_start(self):
         """After a refused login with Auth-Wait: start over (spec 2.5).
         Subclasses also forget what they collected for the attempt."""
         self.state = "start"
 
-    def proxy(self, credentials, reply):
-        """Log in to the backend the auth service chose, then relay."""
-        login = reply.user if reply.user is not None else credentials.login
-        clear_text = credentials.password if credentials.method == "plain" else b""
-        password = reply.password if reply.password is not None else clear_text
-        if self.needs_backend_password and not password:
-            raise AuthServiceError("auth http server did not send password")
-        self.login = login
-        self.upstream_text = _hostport(reply.server, reply.port)
-        self.step = "connecting to upstream"
-        self.enter(metrics.BACKEND_LOGIN)
-        tls = self.service.backend_tls
-        try:
-            self.backend = backend_mod.connect(reply.server, reply.port, self.config.timeout,
-                                               tls, proxy_protocol.outgoing(self))
-        except BackendError:
-            self.meter.backend_error(self.protocol)
-            raise
-        if self.tracer:
-            self.backend = self.tracer.backend_stream(self.backend)
-        starttls = None         # proxy_starttls: the backend login upgrades first
-        if tls and not tls.implicit:
-            starttls = functools.partial(backend_mod.start_tls, self.backend, tls, reply.server)
-        elif not tls:
-            self.service.warn_clear_text(reply.server, self.log)
-        try:
-            final = self.backend_login(self.backend, login, password, starttls)
-        except BackendError as exc:
-            self.backend_failed(exc)
-            return
-        self.send(final + self.backend.take_buffer())
-        self.relay()
-
-    def backend_failed(self, exc):
-        """proxy_pass_error_message: show the backend's refusal verbatim."""
-        if exc.reply and self.config.proxy_pass_error_message:
-            self.log.error("%s", exc)
-            self._send_quietly(exc.reply)
-            self.ended("backend")
-            self.quit = True
-            return
-        raise exc
-
-    def relay(self):
-        self.step = "proxying"
-        self.enter(metrics.RELAY)
-        self.log.info("client logged in, proxying to %s", self.upstream_text)
-        relay = Relay(self.client.sock, self.backend.sock, self.config.proxy_timeout,
-                      linger=self.config.timeout, buffers=self.relay_buffers(),
-                      name=f"session-{self.conn}", threads=self.server.worker.threads)
-        leftover = self.client.take_buffer()        # already counted as received
-        outcome = relay.run(leftover)
-        self.meter.relayed(self.protocol, outcome.client_bytes, outcome.backend_bytes)
-        self.quit = True
-        self.relayed = (max(0, outcome.client_bytes - len(leftover)), outcome.backend_bytes)
-        self.ended(outcome.closed_by or "error")
-        if self.tracer:
-            self.tracer.relayed(outcome.client_bytes, outcome.backend_bytes)
-
-    # ------------------------------------------- what subclasses define
-
-    def command_limit(self):
-        """The client command buffer size: the longest command accepted."""
-        raise NotImplementedError
+    def auth_extra_headers(self):
+        """Protocol-specific request headers (SMTP adds Client-Host)."""
+        return ()
 
     def relay_buffers(self):
         """Read sizes for the relay (client->backend, backend->client).
@@ -480,7 +382,3 @@ class Session(socketserver.BaseRequestHandler):
 
 def _peer(address):
     return f"{address[0]}:{address[1]}" if address else "unix:"
-
-
-def _hostport(host, port):
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

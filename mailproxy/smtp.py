@@ -99,11 +99,11 @@ class SmtpSession(Session):
             return UNAVAILABLE
         if not self.client_address:
             return TEMPUNAVAIL
-        self.step = "in resolving"
+        self.set_step("in resolving")
         host, problem = resolver.lookup(self.client_text)
         if problem:
             self.log.error("%s", problem)
-        self.step = "in auth state"
+        self.set_step("in auth state")
         return host
 
     def read_command(self):
@@ -147,7 +147,7 @@ class SmtpSession(Session):
             credentials = self.sasl(mechanism, initial, _continuation, self.command_limit())
         except SaslError:
             raise Rejected(INVALID) from None
-        self.authenticate(credentials)
+        return credentials
 
     def do_MAIL(self, command):
         if not self.service.texts.mx_mode:
@@ -158,7 +158,7 @@ class SmtpSession(Session):
         if self.mail_from:
             raise Rejected(BAD_SEQUENCE)
         self.mail_from = command.line
-        self.login = None           # no stale credentials reach the auth service
+        self.set_login(None)        # no stale credentials reach the auth service
         self.send(OK)               # (CVE-2025-53859)
 
     def do_RCPT(self, command):
@@ -167,7 +167,7 @@ class SmtpSession(Session):
         if not command.args:
             raise Rejected(INVALID_ARGUMENT)
         self.rcpt_to = command.line
-        self.authenticate(Credentials("none", b""))
+        return Credentials("none", b"")
 
     def do_RSET(self, command):
         self.mail_from = self.rcpt_to = b""

@@ -1,17 +1,16 @@
-"""A line-oriented wrapper around a socket, and waiting on sockets.
+"""A line-oriented wrapper around a socket, read under a deadline.
 
 Mail protocols are read a line at a time, and a proxy must never trust the
 peer to end its lines: every read here is bounded by a byte limit, and every
 read and write by a deadline.  The deadline is one point in time for a
 whole phase (nginx's `timeout` covers the entire pre-login dialogue, not
-each command), so each wait is for what is left of it.
+each command), so before each read or write the socket's timeout is set to
+what is left of it (`settimeout()`), and the socket call itself waits.  A
+call that runs out of time raises TimeoutError; the session catches it in
+one place.
 
-The sockets are non-blocking for their whole life and the waiting is done
-here, with poll(), before a read and only when a write finds no room
-(`wait_for`, `send_all`).  Blocking calls under a socket timeout would do
-the same waits, but cost a settimeout() system call per read or write to
-re-arm the deadline, and a poll() before every write too; each system call
-lets go of the GIL, and under load each let-go is a thread switch.
+The socket may be a plain socket or a tls.TlsChannel: both are blocking
+with a timeout, and this module does not ask which one it holds.
 
 Bytes read past the end of a line stay in `buffer`: a client may pipeline
 several commands, and whatever is left when the relay starts is sent on to
@@ -64,15 +63,9 @@ class Stream:
         return left
 
     def _fill(self):
-        left = self._left()
+        self.sock.settimeout(self._left())
         try:
-            if self.secure:
-                self.sock.settimeout(left)  # the channel waits for whole records itself
-            elif not wait_for(self.sock, select.POLLIN, left):
-                raise TimeoutError("timed out")
             data = self.sock.recv(CHUNK)
-        except BlockingIOError:
-            return                          # woken without data; the caller reads again
         except ConnectionError:
             raise Closed() from None
         if not data:
@@ -103,13 +96,9 @@ class Stream:
         return data
 
     def write(self, data):
-        left = self._left()
+        self.sock.settimeout(self._left())
         try:
-            if self.secure:
-                self.sock.settimeout(left)
-                self.sock.sendall(data)
-            else:
-                send_all(self.sock, data, left)
+            self.sock.sendall(data)
         except ConnectionError:
             raise Closed() from None
         self.sent += len(data)
@@ -147,19 +136,19 @@ class Stream:
             if len(self.buffer) >= limit:
                 time.sleep(left)
                 continue
-            if _readable(self.sock, left):
-                if self.secure:
-                    self.sock.settimeout(0)     # take what is there, wait for no more
-                try:
-                    data = self.sock.recv(limit - len(self.buffer))
-                except (BlockingIOError, TimeoutError):
-                    continue
-                except ConnectionError:
-                    raise Closed() from None
-                if not data:
-                    raise Closed()
-                self.received += len(data)
-                self.buffer += data
+            if not _readable(self.sock, left):
+                continue
+            self.sock.settimeout(left)  # a TLS record may still be on its way
+            try:
+                data = self.sock.recv(limit - len(self.buffer))
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                raise Closed() from None
+            if not data:
+                raise Closed()
+            self.received += len(data)
+            self.buffer += data
 
     def talked_within(self, seconds):
         """Did the peer send anything in the next `seconds`?  (SMTP's
@@ -193,15 +182,3 @@ def wait_for(sock, events, seconds):
     poller.register(sock, events)
     return bool(poller.poll(None if seconds is None else seconds * 1000))
 
-
-def send_all(sock, data, seconds):
-    """sendall() for a non-blocking socket: each wait for room takes at most
-    `seconds` (None: no limit), so a peer that stops reading cannot pin the
-    thread.  Raises TimeoutError when it does."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view):]
-        except BlockingIOError:
-            if not wait_for(sock, select.POLLOUT, seconds):
-                raise TimeoutError("peer does not read") from None

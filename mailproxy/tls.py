@@ -17,15 +17,15 @@ when the reader produced some (a TLS 1.3 KeyUpdate answer, session
 tickets); the reader never blocks on it (see `_flush`).
 
 The channel looks like a blocking socket with a timeout to stream.py and
-relay.py: recv, recv_into, sendall, settimeout, fileno, shutdown, close,
-plus `pending()` for decrypted bytes that poll() cannot see.  The socket
-under it is non-blocking, as every socket of a session is (stream.py):
-the channel's waits are its own poll()s, each at most `timeout` seconds.
+relay.py: recv, sendall, settimeout, fileno, shutdown, close, plus
+`pending()` for decrypted bytes that poll() cannot see.  The socket under
+it is a blocking socket too, and `settimeout()` is passed on to it: every
+raw recv and send waits at most that long, and raises TimeoutError.  After
+login the relay's two threads share that one timeout (proxy_timeout).
 """
 
 import base64
 import hashlib
-import select
 import socket
 import ssl
 import threading
@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .auth_http import escape
-from .stream import send_all, wait_for
 
 CHUNK = 65536           # raw bytes per recv: up to four full TLS records
 # OpenSSL's short names where RFC 4514 has none: nginx prints DNs with
@@ -53,7 +52,7 @@ OPENSSL_NAMES = {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.SERIAL_NUMBER: "
 
 
 class TlsChannel:
-    """TLS over a connected non-blocking socket (server or client side)."""
+    """TLS over a connected socket (server or client side)."""
 
     def __init__(self, sock, context, server_side, server_hostname=None):
         self.sock = sock
@@ -64,15 +63,14 @@ class TlsChannel:
         self.lock = threading.Lock()        # the SSLObject: one thread at a time
         self.send_lock = threading.Lock()   # outgoing records keep their order
         self.plain = bytearray()            # decrypted early by shutdown(), not yet read
-        self.timeout = None                 # seconds per wait for the peer (None: no limit)
 
     # ------------------------------------------------------------ socket-like
 
     def settimeout(self, seconds):
-        self.timeout = seconds
+        self.sock.settimeout(seconds)
 
     def gettimeout(self):
-        return self.timeout
+        return self.sock.gettimeout()
 
     def fileno(self):
         return self.sock.fileno()
@@ -87,7 +85,7 @@ class TlsChannel:
         self.sock.close()
 
     def handshake(self):
-        """Run the handshake to the end (each wait at most `timeout`)."""
+        """Run the handshake to the end (each wait at most the timeout)."""
         while True:
             error = None
             with self.lock:
@@ -127,17 +125,12 @@ class TlsChannel:
                 with self.lock:
                     self.incoming.write_eof()
 
-    def recv_into(self, buffer):
-        data = self.recv(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
     def sendall(self, data):
         with self.send_lock:
             with self.lock:
                 self.tls.write(data)    # a memory BIO never asks to wait
                 out = self.outgoing.read()
-            send_all(self.sock, out, self.timeout)
+            self.sock.sendall(out)
         self._flush()                   # what a reader queued meanwhile
 
     def pending(self):
@@ -168,7 +161,7 @@ class TlsChannel:
                     self.incoming.write(partial)
                 out = self.outgoing.read()
             try:
-                send_all(self.sock, out, self.timeout)
+                self.sock.sendall(out)
             except OSError:
                 pass
             self.sock.shutdown(how)
@@ -188,14 +181,9 @@ class TlsChannel:
     # ---------------------------------------------------------- the pumps
 
     def _feed(self):
-        """One raw recv into the incoming BIO, after waiting at most
-        `timeout` for it (TimeoutError); False at EOF."""
-        if not wait_for(self.sock, select.POLLIN, self.timeout):
-            raise TimeoutError("timed out")
-        try:
-            data = self.sock.recv(CHUNK)
-        except BlockingIOError:
-            return True                 # woken without data: the caller tries again
+        """One raw recv into the incoming BIO (at most the timeout, else
+        TimeoutError); False at EOF."""
+        data = self.sock.recv(CHUNK)
         with self.lock:
             if data:
                 self.incoming.write(data)
@@ -212,7 +200,7 @@ class TlsChannel:
             try:
                 with self.lock:
                     out = self.outgoing.read()
-                send_all(self.sock, out, self.timeout)
+                self.sock.sendall(out)
             finally:
                 self.send_lock.release()
 

@@ -378,13 +378,5 @@ class TracedStream:
         self.on_write(data)
 
 
-def for_session(session):
-    """The session's Tracer, or None when its server has `trace off`."""
-    rule = session.config.trace
-    if rule is None:
-        return None
-    return Tracer(rule, session.protocol, session.log, lambda: session.client_text)
-
-
 def _lines(data):
     return bytes(data).splitlines(keepends=True) or [b""]

@@ -20,7 +20,7 @@ import pytest
 from fakes import fail, ok, sequence
 from harness import wait_until
 from mailproxy import smtp
-from mailproxy.backend import SmtpPlan, connect, smtp_login
+from mailproxy.backend import SmtpPlan, connect, new_socket, smtp_login
 from transcript import SERVER_NAME, auth_headers, b64, checking_auth
 
 pytest_plugins = ("proxying",)     # start_proxy, shared_proxy, auth_service, backend
@@ -697,7 +697,7 @@ def test_xclient_addr_of_an_ipv6_client_has_the_ipv6_prefix(backend):
         (b"XCLIENT ADDR=IPV6:2001:db8::7 LOGIN=joe NAME=host.example\r\n", b"250 ok\r\n")))
     plan = SmtpPlan(server_name=b"mx.test", ehlo=True, xclient=True, client_ip="2001:db8::7",
                     client_host=b"host.example", login=b"joe", password=b"")
-    stream = connect("127.0.0.1", server.port, 5)
+    stream = connect(new_socket("127.0.0.1"), "127.0.0.1", server.port, 5)
     try:
         assert smtp_login(stream, plan, 4096) == b"250 ok\r\n"
     finally:

@@ -1,0 +1,183 @@
+"""After the credentials: ask the auth service, log in to the backend, relay.
+
+A protocol handler (`do_LOGIN`, `do_PASS`, `do_AUTH`, ...) that has taken
+the client's credentials returns them, and the session's command loop calls
+`log_in(session, credentials)`, the one login step all three protocols
+share:
+
+    ask the auth service (again while it says WAIT)
+      -> refused: the protocol's failure reply (after any Auth-Wait), and
+         either the end of the session or, with Auth-Wait, a fresh start
+      -> admitted: connect to the backend it named, replay the login there
+         (the protocol's `backend_login` hook), forward the backend's final
+         reply, then relay bytes both ways until one side closes.
+
+What it uses of the session: its config and service (auth client, TLS to
+backends), its client Stream and log, the protocol hooks (auth_request
+headers, auth_failed_reply, back_to_start, backend_login, relay_buffers)
+and the fields the logs and the status page show.
+"""
+
+import functools
+import time
+
+from . import backend, metrics, proxy_protocol
+from .auth_http import AuthRequest, AuthServiceError
+from .backend import BackendError
+from .log import hostport
+from .splice import relay_class
+
+MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
+                            # (nginx loops for ever; its docs suggest 10-20 attempts)
+
+
+def log_in(session, credentials):
+    """Ask the auth service; on success log in to the backend and relay.
+    On a refusal the client gets the error; with Auth-Wait the session goes
+    back to the start state, as nginx does."""
+    session.attempt += 1
+    session.set_login(credentials.login)
+    if session.tracer:
+        session.tracer.login(credentials.login)
+    session.set_step("in http auth state")
+    session.enter(metrics.AUTH_SERVICE)
+    session.client.set_deadline(None)
+    reply = session.auth_reply = ask_auth_service(session, credentials)
+    if not reply.ok:
+        refused(session, reply)
+        return
+    stream = connect_backend(session, credentials, reply)
+    if stream is not None:
+        relay(session)
+
+
+def auth_request(session, credentials):
+    """The question for the auth service (spec 2.2)."""
+    extra = proxy_protocol.auth_headers(session.proxy_header, session.auth_extra_headers())
+    return AuthRequest(method=credentials.method, login=credentials.login,
+                       password=credentials.password, salt=credentials.salt,
+                       protocol=session.protocol, attempt=session.attempt,
+                       client_ip=session.client_text, extra=extra + session.tls_headers())
+
+
+def ask_auth_service(session, credentials):
+    """The auth service's answer, asking again (same attempt number) while
+    it says WAIT, at most MAX_WAIT_RETRIES times."""
+    request = auth_request(session, credentials)
+    reply = ask_once(session, request)
+    for _ in range(MAX_WAIT_RETRIES):
+        if not reply.retry:
+            return reply
+        session.log.info("auth http server asked to wait %ss", reply.wait)
+        session.client.wait(reply.wait, session.command_limit())
+        reply = ask_once(session, request)
+    if reply.retry:
+        raise AuthServiceError(f"auth http server answered WAIT {MAX_WAIT_RETRIES + 1} times")
+    return reply
+
+
+def ask_once(session, request):
+    """One auth service round trip, timed and counted for the status page."""
+    started = time.monotonic()
+    try:
+        reply = session.service.auth.ask(request)
+    except AuthServiceError:
+        session.meter.auth(session.protocol, metrics.ERROR, time.monotonic() - started)
+        raise
+    session.meter.auth(session.protocol, metrics.auth_result(reply),
+                       time.monotonic() - started)
+    return reply
+
+
+def refused(session, reply):
+    """The client is told no; with Auth-Wait, after the wait, and it may
+    try again under a fresh `timeout`."""
+    session.log.info('client login failed: "%s"', reply.status)
+    if not reply.wait:
+        session.ended("auth")
+        session.send(session.auth_failed_reply(reply))
+        session.quit = True
+        return
+    session.client.wait(reply.wait, session.command_limit())
+    session.send(session.auth_failed_reply(reply))
+    session.back_to_start()
+    session.set_step("in auth state")
+    session.enter(metrics.GREETING)
+    session.client.set_deadline(session.config.timeout)
+
+
+def connect_backend(session, credentials, reply):
+    """Log in to the backend the auth service chose and forward its final
+    reply; the backend Stream, or None when the backend refused and the
+    client was shown why (proxy_pass_error_message)."""
+    login = reply.user if reply.user is not None else credentials.login
+    clear_text = credentials.password if credentials.method == "plain" else b""
+    password = reply.password if reply.password is not None else clear_text
+    if session.needs_backend_password and not password:
+        raise AuthServiceError("auth http server did not send password")
+    session.set_login(login)
+    session.context.upstream = hostport(reply.server, reply.port)
+    session.set_step("connecting to upstream")
+    session.enter(metrics.BACKEND_LOGIN)
+    stream = session.backend = open_backend(session, reply.server, reply.port)
+    tls = session.service.backend_tls
+    starttls = None         # proxy_starttls: the backend login upgrades first
+    if tls and not tls.implicit:
+        starttls = functools.partial(backend.start_tls, stream, tls, reply.server)
+    elif not tls:
+        session.service.warn_clear_text(reply.server, session.log)
+    try:
+        final = session.backend_login(stream, login, password, starttls)
+    except BackendError as exc:
+        return backend_failed(session, exc)
+    session.send(final + stream.take_buffer())
+    return stream
+
+
+def open_backend(session, server, port):
+    """The connected (and with proxy_ssl, encrypted) backend Stream, under
+    the `timeout` deadline.  The socket is the session's before connect()
+    starts, so a fast stop can cut a connect in progress."""
+    sock = session.backend_socket = backend.new_socket(server)
+    header = proxy_protocol.outgoing(session.config.proxy_protocol, session.client_address,
+                                     session.request.getsockname())
+    try:
+        stream = backend.connect(sock, server, port, session.config.timeout,
+                                 session.service.backend_tls, header)
+    except BackendError:
+        session.meter.backend_error(session.protocol)
+        raise
+    if session.tracer:
+        stream = session.tracer.backend_stream(stream)
+    return stream
+
+
+def backend_failed(session, exc):
+    """proxy_pass_error_message: show the backend's refusal verbatim."""
+    if exc.reply and session.config.proxy_pass_error_message:
+        session.log.error("%s", exc)
+        session.send_quietly(exc.reply)
+        session.ended("backend")
+        session.quit = True
+        return None
+    raise exc
+
+
+def relay(session):
+    """Copy bytes both ways until one side closes (relay.py), then count them."""
+    session.set_step("proxying")
+    session.enter(metrics.RELAY)
+    session.log.info("client logged in, proxying to %s", session.context.upstream)
+    client, backend_sock = session.client.sock, session.backend.sock
+    relay_type = relay_class(client, backend_sock)
+    relayer = relay_type(client, backend_sock, session.config.proxy_timeout,
+                         linger=session.config.timeout, buffers=session.relay_buffers(),
+                         name=f"session-{session.context.conn}")
+    leftover = session.client.take_buffer()        # already counted as received
+    outcome = relayer.run(leftover)
+    session.meter.relayed(session.protocol, outcome.client_bytes, outcome.backend_bytes)
+    session.quit = True
+    session.relayed = (max(0, outcome.client_bytes - len(leftover)), outcome.backend_bytes)
+    session.ended(outcome.closed_by or "error")
+    if session.tracer:
+        session.tracer.relayed(outcome.client_bytes, outcome.backend_bytes)
