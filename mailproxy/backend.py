@@ -152,18 +152,8 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
         send(stream, tag + b" STARTTLS\r\n")
         expect(read_tagged(stream, tag, limit), tag + b" OK")
         starttls()
-    step("sending login command to upstream")
-    if not starttls and _non_synchronizing(greeting, login, password):
-        send(stream, b"%s LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n"
-             % (tag, len(login), login, len(password), password))
-    else:
-        send(stream, b"%s LOGIN {%d}\r\n" % (tag, len(login)))
-        expect(read_reply(stream, limit), b"+")
-        step("sending user name to upstream")
-        send(stream, b"%s {%d}\r\n" % (login, len(password)))
-        expect(read_reply(stream, limit), b"+")
-        step("sending password to upstream")
-        send(stream, password + b"\r\n")
+    send_login(stream, tag, login, password, limit, step,
+               one_write=not starttls and _non_synchronizing(greeting, login, password))
     step("reading response from upstream")
     line = read_reply(stream, limit)
     untagged = b""
@@ -175,6 +165,23 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
         exc.reply = untagged + line
         raise
     return untagged + line
+
+
+def send_login(stream, tag, login, password, limit, step, one_write):
+    """`tag LOGIN {n}` + login + `{m}` + password: in one write with
+    non-synchronizing literals, or waiting for each `+` continuation."""
+    step("sending login command to upstream")
+    if one_write:
+        send(stream, b"%s LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n"
+             % (tag, len(login), login, len(password), password))
+        return
+    send(stream, b"%s LOGIN {%d}\r\n" % (tag, len(login)))
+    expect(read_reply(stream, limit), b"+")
+    step("sending user name to upstream")
+    send(stream, b"%s {%d}\r\n" % (login, len(password)))
+    expect(read_reply(stream, limit), b"+")
+    step("sending password to upstream")
+    send(stream, password + b"\r\n")
 
 
 def _non_synchronizing(greeting, *values):
