@@ -64,8 +64,13 @@ class Stream:
 
     def _fill(self):
         self.sock.settimeout(self._left())
+        self._receive(CHUNK)
+
+    def _receive(self, size):
+        """One recv() of at most `size` bytes into the buffer; Closed at
+        the end of the stream."""
         try:
-            data = self.sock.recv(CHUNK)
+            data = self.sock.recv(size)
         except ConnectionError:
             raise Closed() from None
         if not data:
@@ -140,15 +145,9 @@ class Stream:
                 continue
             self.sock.settimeout(left)  # a TLS record may still be on its way
             try:
-                data = self.sock.recv(limit - len(self.buffer))
+                self._receive(limit - len(self.buffer))
             except TimeoutError:
                 continue
-            except ConnectionError:
-                raise Closed() from None
-            if not data:
-                raise Closed()
-            self.received += len(data)
-            self.buffer += data
 
     def talked_within(self, seconds):
         """Did the peer send anything in the next `seconds`?  (SMTP's
