@@ -26,7 +26,6 @@ import logging
 import socket
 import ssl
 import socketserver
-import threading
 import time
 
 from . import backend as backend_mod
@@ -122,7 +121,6 @@ class Session(socketserver.BaseRequestHandler):
             self.client = self.tracer.client_stream(self.client)
         if self.request.family != socket.AF_UNIX:
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.thread_id = threading.get_ident()
         self.server.track(self)
         self.meter = self.server.worker.meter      # the status page's counters
         self.phase = metrics.GREETING
@@ -245,7 +243,6 @@ class Session(socketserver.BaseRequestHandler):
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self.service.auth.abort(self.thread_id)
 
     # ----------------------------------------------------- for the logs
 
