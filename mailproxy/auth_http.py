@@ -6,29 +6,44 @@ too (spec 2.3-2.4): `Auth-Status: OK` with `Auth-Server`/`Auth-Port`, or
 an error text for the client, or `WAIT`.
 
 Unlike nginx, which opens a new connection per attempt, one
-`requests.Session` per server keeps connections alive (its urllib3 pool is
-safe to share between session threads).  Any failure of the auth service
-itself (refused, timed out, not HTTP, bad headers, no usable backend
-address) raises AuthServiceError, which the session turns into the
-protocol's internal-error line.
+`requests.Session` per server keeps connections alive, through the
+transport adapter mounted for http:// (requests' HTTPAdapter; an
+`auth_http unix:` would be an adapter of its own, mounted the same way).
+What the session threads share through it is the adapter's urllib3 pool,
+which is safe to share, and a cookie jar that keeps nothing.  The pool
+keeps up to POOL_SIZE idle connections; a login that finds none idle opens
+one more rather than wait (pool_block off).  No request is ever sent twice
+(NO_RETRY says why).  Any failure of the auth service itself (refused,
+timed out, not HTTP, bad headers, no usable backend address) raises
+AuthServiceError, which the session turns into the protocol's
+internal-error line.
 """
 
 import http.client
+import http.cookiejar
 import ipaddress
 import re
-import socket
-import threading
 from dataclasses import dataclass
 
 import requests
 import requests.adapters
-from urllib3.connection import HTTPConnection
-from urllib3.connectionpool import HTTPConnectionPool
-from urllib3.util import SKIP_HEADER
+from urllib3.util import SKIP_HEADER, Retry
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
 MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
-POOL_SIZE = 64              # keep-alive connections kept per server
+POOL_SIZE = 64              # idle keep-alive connections kept per server
+# urllib3's retries, all off.  A request that failed may have reached the
+# auth service, which may have counted the attempt, so it is never sent
+# again: the login fails, as with nginx, which makes one attempt per login.
+# total=0 ends at the first error of any kind, a refused connect included;
+# read=False raises a read error as it came, so a timeout stays a timeout;
+# redirect=False returns a 3xx as the reply (spec 2.3: the status is
+# ignored); status=0, other=0: no retry on a status or anything else.
+# A kept connection the service has closed needs no retry: the pool checks
+# for the close before it reuses one, and connects anew.  Only a close that
+# crosses a request on the wire fails that login (internal error).
+NO_RETRY = Retry(total=0, connect=0, read=False, redirect=False, status=0, other=0)
+NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])   # as nginx, none kept
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESCAPED = frozenset(range(0x21)) | {0x25}     # control bytes, space and "%"
 
@@ -105,11 +120,15 @@ class AuthClient:
         self.extra_headers = tuple(headers)
         self.http = requests.Session()
         self.http.trust_env = False     # no proxies or netrc from the environment
-        self.http.headers.clear()
-        self.in_flight = {}     # thread id -> connection; one key per thread
-        self.adapter = _Adapter(self.in_flight, self.url, uri, pool_maxsize=POOL_SIZE,
-                                max_retries=0)
-        self.http.mount("http://", self.adapter)
+        self.http.headers.clear()       # no User-Agent, Accept, Connection of requests' own
+        self.http.cookies.set_policy(NO_COOKIES)
+        self.http.mount("http://", requests.adapters.HTTPAdapter(
+            pool_connections=1,         # pools kept: one, for the one auth service
+            pool_maxsize=POOL_SIZE, pool_block=False, max_retries=NO_RETRY))
+        # Every request is this one with its own headers, so it is prepared
+        # once: merging the session's settings and parsing the URL again for
+        # each login were over a quarter of an auth request's CPU.
+        self.template = self.http.prepare_request(requests.Request("GET", self.url))
 
     def headers_for(self, request):
         """The request headers in nginx's order (spec 2.2)."""
@@ -137,118 +156,31 @@ class AuthClient:
         return headers
 
     def ask(self, request):
-        """One request through requests' transport adapter.  Session.get()
-        would merge settings, copy cookie jars and parse the URL again on
-        every login (two thirds of a login's CPU in a profile); the request
-        here is the same every time except its headers, so it is built
-        directly (requests' PreparedRequest) and handed to the adapter,
-        which keeps the pooled keep-alive connections."""
-        prepared = requests.PreparedRequest()
-        prepared.method, prepared.url = "GET", self.url
-        prepared.headers = self.wire_headers(request)
+        """One GET; the reply's headers are the answer.  With stream=True
+        the session returns once the headers are in, leaving the body to
+        _finish(); no redirect is followed (nginx ignores the status)."""
+        prepared = self.template.copy()
         try:
-            response = self.adapter.send(prepared, stream=True,
-                                         timeout=(self.timeout, self.timeout))
+            prepared.prepare_headers(self.wire_headers(request))
+            response = self.http.send(prepared, timeout=(self.timeout, self.timeout),
+                                      stream=True, allow_redirects=False)
         except requests.Timeout:
             raise AuthServiceError(f"auth http server {self.url} timed out") from None
         except requests.RequestException as exc:
             raise AuthServiceError(f"auth http server {self.url} failed: {_reason(exc)}") \
+                from None
+        except ValueError:
+            # Session.send parses a 3xx's Location (after reading its body)
+            # even when it follows no redirect, for Response.next.
+            raise AuthServiceError(f"auth http server {self.url} sent invalid Location") \
                 from None
         try:
             return parse_reply(_raw_headers(response))
         finally:
             _finish(response)
 
-    def abort(self, thread_id):
-        """Cut the request `thread_id` has in flight (fast stop)."""
-        connection = self.in_flight.get(thread_id)
-        if connection is not None and connection.sock is not None:
-            try:
-                connection.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
     def close(self):
         self.http.close()
-
-
-class _AbortableConnection(HTTPConnection):
-    """While a request is in flight it is listed under the asking thread's
-    id, so a fast stop can cut it instead of waiting `auth_http_timeout`."""
-    in_flight = None            # per AuthClient, set by _Adapter
-
-    def connect(self):
-        super().connect()
-        self.sock = _SteadyTimeout(self.sock)
-
-    def request(self, *args, **kwargs):
-        self.in_flight[threading.get_ident()] = self
-        return super().request(*args, **kwargs)
-
-    def getresponse(self, *args, **kwargs):
-        try:
-            return super().getresponse(*args, **kwargs)
-        finally:
-            self.in_flight.pop(threading.get_ident(), None)
-
-
-class _SteadyTimeout:
-    """The connection's socket, for urllib3, which sets its timeout again
-    before every request and every response: a system call each time (one
-    that lets go of the GIL), for a value that never changes here.  This
-    passes on only a change; everything else goes to the socket."""
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._timeout = sock.gettimeout()
-
-    def settimeout(self, seconds):
-        if seconds != self._timeout:
-            self._sock.settimeout(seconds)
-            self._timeout = seconds
-
-    def gettimeout(self):
-        return self._timeout
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-class _Adapter(requests.adapters.HTTPAdapter):
-    """requests' adapter with pools of _AbortableConnection, for one URL.
-
-    Three of HTTPAdapter's per-request steps are done once instead: finding
-    the URL's connection pool (URL parsing and a pool-key lookup), working
-    out the request target (a proxy lookup; there are no proxies here), and
-    building a requests.Response with its headers copied into a
-    case-insensitive dict and its cookies into a jar (the auth protocol has
-    no cookies; nginx ignores them).  The response here is requests' own,
-    with the urllib3 response as `raw`, which is all AuthClient reads.
-    Together they were a fifth of an auth request's CPU time."""
-
-    def __init__(self, in_flight, url, uri, **kwargs):
-        self.in_flight = in_flight          # before super(): it builds the pools
-        super().__init__(**kwargs)
-        self.uri = uri
-        self.pool = self.poolmanager.connection_from_url(url)
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        connection = type("Connection", (_AbortableConnection,), {"in_flight": self.in_flight})
-        pool = type("Pool", (HTTPConnectionPool,), {"ConnectionCls": connection})
-        self.poolmanager.pool_classes_by_scheme = {"http": pool}
-
-    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
-        return self.pool
-
-    def request_url(self, request, proxies):
-        return self.uri
-
-    def build_response(self, req, resp):
-        response = requests.Response()
-        response.raw, response.status_code, response.reason = resp, resp.status, resp.reason
-        response.request, response.connection, response.url = req, self, req.url
-        return response
 
 
 def _raw_headers(response):

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from harness import wait_until
 from mailproxy.auth_http import (AuthClient, AuthReply, AuthRequest, AuthServiceError,
                                  escape, parse_reply)
 
@@ -193,10 +194,14 @@ class RawHTTPServer:
       `keep_alive`;
     * a list: pieces sent one by one, with `gap` seconds between them;
     * None: never answer (the connection stays open until the client goes).
+
+    With `answers` set, a connection answers that many requests; the next
+    one is recorded and the connection closed without a reply.
     """
 
-    def __init__(self, reply, keep_alive=False, gap=0.0):
+    def __init__(self, reply, keep_alive=False, gap=0.0, answers=None):
         self.reply, self.keep_alive, self.gap = reply, keep_alive, gap
+        self.answers = answers
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(POLL)
         self.port = self.listener.getsockname()[1]
@@ -226,6 +231,7 @@ class RawHTTPServer:
         with conn:
             conn.settimeout(POLL)
             buffer, end_of_life = b"", time.monotonic() + LIFETIME
+            answered = 0
             while not self.stopping.is_set() and time.monotonic() < end_of_life:
                 end = buffer.find(b"\r\n\r\n")
                 if end < 0:
@@ -244,6 +250,9 @@ class RawHTTPServer:
                     self.requests.append(request)
                 if self.reply is None:
                     continue
+                if answered == self.answers:
+                    return
+                answered += 1
                 if not self._answer(conn) or not self.keep_alive:
                     return
 
@@ -421,6 +430,17 @@ def test_error_reply_on_the_wire(auth_server, client_for):
     assert (reply.ok, reply.status, reply.wait) == (False, "Invalid login or password", 3)
 
 
+def test_a_redirect_whose_location_cannot_be_parsed_is_a_failure(auth_server, client_for):
+    """requests looks at a 3xx's Location even when it follows no redirect;
+    one it cannot parse ends the request (nginx would ignore it)."""
+    server = auth_server(http(b"HTTP/1.1 302 Found", OK_HEADERS + b"Location: http://[\r\n"
+                                                                b"Content-Length: 0\r\n"))
+    with pytest.raises(AuthServiceError) as info:
+        client_for(server).ask(plain_request())
+    assert str(info.value) == f"auth http server http://127.0.0.1:{server.port}/auth " \
+                              "sent invalid Location"
+
+
 def test_body_is_ignored(auth_server, client_for):
     server = auth_server(http(headers=OK_HEADERS + b"Content-Length: 11\r\n",
                               body=b"hello world"))
@@ -450,6 +470,49 @@ def test_no_reuse_when_the_service_closes(auth_server, client_for):
     assert client.ask(plain_request()).ok
     assert client.ask(plain_request()).ok
     assert server.connections == 2
+
+
+def test_a_kept_connection_the_service_closed_is_replaced_not_resent(auth_server, client_for):
+    """HTTP/1.1 lets the client keep the connection, but the service closes
+    it after one reply.  The pool sees the close before it reuses the
+    connection and opens a new one: the next login is asked once, and gets
+    its answer."""
+    server = auth_server(http(b"HTTP/1.1 200 OK", OK_HEADERS + b"Content-Length: 0\r\n"))
+    client = client_for(server)
+    assert client.ask(plain_request()).ok
+    assert wait_until(lambda: not server.threads[0].is_alive())    # it has closed
+    assert client.ask(plain_request(login=b"ann")).ok
+    assert len(server.requests) == 2
+    assert server.connections == 2
+    assert b"\r\nAuth-User: ann\r\n" in server.requests[1]
+
+
+def test_a_request_the_service_may_have_seen_is_never_sent_again(auth_server, client_for):
+    """The service takes the second request on a kept connection and closes
+    without answering, as one that drops idle connections may just as a
+    request arrives.  The request may have been acted on, so the login fails
+    with an auth service error; it is not sent again on a new connection
+    (nginx never sends one twice either)."""
+    server = auth_server(http(b"HTTP/1.1 200 OK", OK_HEADERS + b"Content-Length: 0\r\n"),
+                         keep_alive=True, answers=1)
+    client = client_for(server)
+    assert client.ask(plain_request()).ok
+    with pytest.raises(AuthServiceError) as info:
+        client.ask(plain_request(login=b"ann"))
+    assert str(info.value).startswith(f"auth http server http://127.0.0.1:{server.port}/auth "
+                                      "failed: ")
+    assert len(server.requests) == 2
+    assert server.connections == 1
+
+
+def test_cookies_from_the_service_are_never_sent_back(auth_server, client_for):
+    server = auth_server(http(b"HTTP/1.1 200 OK", OK_HEADERS + b"Set-Cookie: id=1; Path=/\r\n"
+                                                               b"Content-Length: 0\r\n"),
+                         keep_alive=True)
+    client = client_for(server, headers=(("X-Secret", "s3cr3t"), ("X-Other", "two words")))
+    assert client.ask(plain_request()).ok
+    assert client.ask(plain_request()).ok
+    assert server.header_lines(1)[1:] == EXPECTED
 
 
 # ----------------------------------------------------- AuthClient: failures
