@@ -16,7 +16,13 @@ One login, followed through the modules in the order it touches them:
 
 stream.py is the bounded line reader under all of them (and waits on the
 non-blocking sockets); threads.py keeps finished session threads for the
-next session; log.py formats nginx-style log lines.  Everything but cli.py is importable without click.
+next session; log.py formats nginx-style log lines.  Everything but cli.py
+is importable without click.
+
+The rest is in a folder, and a first reading can skip it:
+
+    ops/          the master process, counters and the status page, traces,
+                  the PROXY protocol, the SMTP client's host name
 """
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@
     mailproxy -T -c mail.conf       test it and print the effective settings
     mailproxy -s quit               signal the running proxy (pid file)
     mailproxy -v | -V               version (and build details)
-    mailproxy -c mail.conf --trace  run, tracing every session (trace.py)
+    mailproxy -c mail.conf --trace  run, tracing every session (ops/trace.py)
 
 Exit status: 0 ok, 1 configuration or start-up error, 2 usage error.  This
 is the only module that imports click; everything it calls is plain Python.
@@ -18,7 +18,8 @@ import sys
 
 import click
 
-from . import NGINX_COMPAT, __version__, config as configmod, master, server
+from . import NGINX_COMPAT, __version__, config as configmod, server
+from .ops import master
 
 DEFAULT_CONF = "/etc/mailproxy/mail.conf"
 SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT, "reopen": signal.SIGUSR1,

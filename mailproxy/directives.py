@@ -21,7 +21,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from .trace import Rule
+from .ops.trace import Rule
 
 # Statuses.  "later" directives are parsed and validated now, but a config
 # that uses them is refused with a clear error until the feature exists.
@@ -559,7 +559,7 @@ _ROWS = [
     Directive("worker_shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"],
               note="nginx's name for shutdown_timeout"),
     Directive("status_listen", (MAIN,), (1, 1), status_listen, ["off"],
-              note="beyond nginx: the status endpoint (status.py)"),
+              note="beyond nginx: the status endpoint (ops/status.py)"),
     Directive("events", (MAIN,), (0, 0), block=True),
     Directive("worker_connections", (EVENTS,), (1, 1), single(parse_positive), ["512"]),
     Directive("mail", (MAIN,), (0, 0), block=True),
@@ -651,7 +651,7 @@ _ROWS = [
     Directive("proxy_ssl_certificate", M_S, (1, 1), single(str)),
     Directive("proxy_ssl_certificate_key", M_S, (1, 1), single(str)),
     Directive("proxy_ssl_pin", M_S, (1, 1), pin, repeat=True),
-    # beyond nginx: redacted protocol traces (trace.py)
+    # beyond nginx: redacted protocol traces (ops/trace.py)
     Directive("trace", M_S, (1, None), trace, ["off"]),
 ]
 

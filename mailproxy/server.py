@@ -29,7 +29,8 @@ import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
-from . import metrics, status, threads, tls
+from . import threads, tls
+from .ops import metrics, status
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .pop3 import Pop3Session

@@ -30,9 +30,9 @@ import threading
 import time
 
 from . import backend as backend_mod
-from . import metrics
-from . import proxy_protocol
-from . import trace
+from .ops import metrics
+from .ops import proxy_protocol
+from .ops import trace
 from .auth_http import AuthRequest, AuthServiceError
 from .backend import BackendError
 from .log import SessionLog, session_summary

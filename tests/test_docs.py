@@ -24,7 +24,7 @@ EXAMPLES = ROOT / "examples"
 # .conf files in examples/ that are not mailproxy configurations.
 OTHER_CONFS = {"users.conf", "logrotate.conf"}
 DIRECTIVE_HEADING = re.compile(r"^### `([a-z0-9_]+)`\s*$", re.MULTILINE)
-MODULE_NAME = re.compile(r"\b((?:mailproxy/)?[a-z_][a-z0-9_]*\.py)\b")
+MODULE_NAME = re.compile(r"\b((?:mailproxy/)?(?:(?:ops|reference)/)?[a-z_][a-z0-9_]*\.py)\b")
 FENCE = re.compile(r"^```[a-z]*\n(.*?)\n```\n", re.DOTALL | re.MULTILINE)
 # An example's certificate and key paths (/etc/mailproxy/...) do not exist
 # here, and config.load opens them to build the TLS context.

@@ -22,7 +22,7 @@ import pytest
 from fakes import ok
 from harness import wait_until
 from mailproxy import smtp
-from mailproxy.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
+from mailproxy.ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
 from transcript import b64
 
 pytest_plugins = ("proxying",)     # start_proxy, shared_proxy, auth_service, backend

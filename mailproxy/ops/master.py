@@ -33,9 +33,10 @@ import os
 import signal
 import time
 
-from . import NGINX_COMPAT, __version__, log as logmod, metrics
-from .config import ConfigError
-from .server import close_sockets, drop_privileges, open_sockets, run_worker, socket_plan
+from .. import NGINX_COMPAT, __version__, log as logmod
+from ..config import ConfigError
+from ..server import close_sockets, drop_privileges, open_sockets, run_worker, socket_plan
+from . import metrics
 from .status import open_socket as open_status_socket, serve_process as serve_status
 
 HANDLED = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,

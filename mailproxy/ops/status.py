@@ -31,7 +31,7 @@ import socketserver
 import time
 from urllib.parse import urlsplit
 
-from . import __version__
+from .. import __version__
 from . import metrics as m
 
 REQUEST_TIMEOUT = 5.0       # seconds one status request may take, reading and writing
