@@ -19,10 +19,12 @@ non-blocking sockets); threads.py keeps finished session threads for the
 next session; log.py formats nginx-style log lines.  Everything but cli.py
 is importable without click.
 
-The rest is in a folder, and a first reading can skip it:
+The rest is in two folders, and a first reading can skip both:
 
     ops/          the master process, counters and the status page, traces,
                   the PROXY protocol, the SMTP client's host name
+    reference/    the reference auth service (`mailproxy auth-service`) and
+                  `mailproxy demo` with its in-memory mail backends
 """
 
 __version__ = "0.1.0"

@@ -132,8 +132,8 @@ def _send_signal(config, name):
               help="Address to serve auth_http on.")
 @click.pass_context
 def auth_service(ctx, users_path, listen):
-    """Run the reference auth service (see mailproxy/authservice.py)."""
-    from . import authservice
+    """Run the reference auth service (see mailproxy/reference/authservice.py)."""
+    from .reference import authservice
     ctx.obj = users_path
     if ctx.invoked_subcommand:
         return
@@ -161,7 +161,7 @@ def auth_service(ctx, users_path, listen):
 @click.pass_obj
 def passwd(users_path, login, plain, password):
     """Add LOGIN to the users file or change its password."""
-    from . import authservice
+    from .reference import authservice
     try:
         authservice.set_password(users_path, login, password, plain=plain)
     except (OSError, ValueError) as exc:
@@ -176,5 +176,5 @@ def passwd(users_path, login, plain, password):
 @click.pass_context
 def demo(ctx):
     """Run a proxied mail setup on loopback: proxy, auth service, backends."""
-    from . import demo as demomod
+    from .reference import demo as demomod
     ctx.exit(demomod.run(echo=lambda text: click.echo(text, err=True)))

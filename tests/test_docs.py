@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailproxy import authservice, config, directives
+from mailproxy import config, directives
+from mailproxy.reference import authservice
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
