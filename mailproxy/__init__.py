@@ -3,7 +3,8 @@
 One login, followed through the modules in the order it touches them:
 
     cli.py        `mailproxy -c mail.conf` reads the command line,
-    config.py     reads the nginx-syntax file (directives.py is the table),
+    config.py     reads the nginx-syntax file (directives.py is the table;
+                  values.py and addresses.py parse the arguments),
     server.py     opens one listener per `listen` and hands each accepted
                   connection to a handler thread, which runs
     session.py    the protocol-independent dialogue: greet, read commands

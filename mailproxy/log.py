@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from .directives import Syslog
+from .addresses import Syslog
 
 # nginx's levels on Python's scale (notice, alert and emerg are added).
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": 25,

@@ -38,7 +38,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ..directives import UNIX_PREFIX
+from ..addresses import UNIX_PREFIX
 from ..stream import Closed, wait_for
 
 V1_PREFIX = b"PROXY "
