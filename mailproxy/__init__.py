@@ -3,7 +3,8 @@
 One login, followed through the modules in the order it touches them:
 
     cli.py        `mailproxy -c mail.conf` reads the command line,
-    config.py     reads the nginx-syntax file (directives.py is the table),
+    config.py     reads the nginx-syntax file (directives.py is the table;
+                  values.py and addresses.py parse the arguments),
     server.py     opens one socketserver.ThreadingTCPServer-style listener
                   per `listen`, which starts a handler thread per
                   connection, which runs
@@ -19,9 +20,17 @@ One login, followed through the modules in the order it touches them:
 
 stream.py is the bounded line reader under all of them (blocking sockets,
 each read and write under what is left of the phase's deadline); tls.py
-gives a TLS connection the same face; splice.py moves bulk bytes inside the
-kernel beside relay.py's copy loop; log.py formats nginx-style log lines.
-Everything but cli.py is importable without click.
+gives a TLS connection the same face; ops/splice.py moves bulk bytes inside
+the kernel beside relay.py's copy loop; listening.py opens the listening
+sockets; log.py formats nginx-style log lines.  Everything but cli.py is
+importable without click.
+
+The rest is in two folders, and a first reading can skip both:
+
+    ops/          the master process, counters and the status page, traces,
+                  the PROXY protocol, the SMTP client's host name
+    reference/    the reference auth service (`mailproxy auth-service`) and
+                  `mailproxy demo` with its in-memory mail backends
 """
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@
     mailproxy -T -c mail.conf       test it and print the effective settings
     mailproxy -s quit               signal the running proxy (pid file)
     mailproxy -v | -V               version (and build details)
-    mailproxy -c mail.conf --trace  run, tracing every session (trace.py)
+    mailproxy -c mail.conf --trace  run, tracing every session (ops/trace.py)
 
 Exit status: 0 ok, 1 configuration or start-up error, 2 usage error.  This
 is the only module that imports click; everything it calls is plain Python.
@@ -18,7 +18,8 @@ import sys
 
 import click
 
-from . import NGINX_COMPAT, __version__, config as configmod, master, server
+from . import NGINX_COMPAT, __version__, config as configmod, server
+from .ops import master
 
 DEFAULT_CONF = "/etc/mailproxy/mail.conf"
 SIGNALS = {"stop": signal.SIGTERM, "quit": signal.SIGQUIT, "reopen": signal.SIGUSR1,
@@ -131,8 +132,8 @@ def _send_signal(config, name):
               help="Address to serve auth_http on.")
 @click.pass_context
 def auth_service(ctx, users_path, listen):
-    """Run the reference auth service (see mailproxy/authservice.py)."""
-    from . import authservice
+    """Run the reference auth service (see mailproxy/reference/authservice.py)."""
+    from .reference import authservice
     ctx.obj = users_path
     if ctx.invoked_subcommand:
         return
@@ -160,7 +161,7 @@ def auth_service(ctx, users_path, listen):
 @click.pass_obj
 def passwd(users_path, login, plain, password):
     """Add LOGIN to the users file or change its password."""
-    from . import authservice
+    from .reference import authservice
     try:
         authservice.set_password(users_path, login, password, plain=plain)
     except (OSError, ValueError) as exc:
@@ -175,5 +176,5 @@ def passwd(users_path, login, plain, password):
 @click.pass_context
 def demo(ctx):
     """Run a proxied mail setup on loopback: proxy, auth service, backends."""
-    from . import demo as demomod
+    from .reference import demo as demomod
     ctx.exit(demomod.run(echo=lambda text: click.echo(text, err=True)))

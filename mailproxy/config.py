@@ -22,6 +22,7 @@ import crossplane
 
 from . import directives as d
 from . import tls
+from .values import BadValue
 
 
 class ConfigError(Exception):
@@ -63,7 +64,7 @@ class Level:
     def set(self, row, args, where):
         try:
             value = row.parse(args) if row.parse else None
-        except d.BadValue as exc:
+        except BadValue as exc:
             raise ConfigError(f'{exc} in "{row.name}" directive', where) from None
         if row.name == "listen":
             value = tuple(replace(entry, where=str(where)) for entry in value)

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .directives import Syslog
+from .addresses import Syslog
 
 # nginx's levels on Python's scale (notice, alert and emerg are added).
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": 25,

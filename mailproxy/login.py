@@ -21,11 +21,12 @@ and the fields the logs and the status page show.
 import functools
 import time
 
-from . import backend, metrics, proxy_protocol
+from . import backend
 from .auth_http import AuthRequest, AuthServiceError
 from .backend import BackendError
 from .log import hostport
-from .splice import relay_class
+from .ops import metrics, proxy_protocol
+from .ops.splice import relay_class
 
 MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
                             # (nginx loops for ever; its docs suggest 10-20 attempts)

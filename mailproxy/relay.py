@@ -23,7 +23,7 @@ wakes the other copier.
 
 Either side may be a tls.TlsChannel rather than a socket; it has the same
 blocking face.  `Relay.bulk()` is where a subclass may move a burst of bulk
-data another way: splice.py's SpliceRelay does so inside the kernel.
+data another way: ops/splice.py's SpliceRelay does so inside the kernel.
 """
 
 import socket

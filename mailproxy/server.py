@@ -30,10 +30,11 @@ import threading
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
-from . import metrics, status, tls
+from . import tls
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .listening import open_sockets, remove_socket_file, socket_key, socket_plan
+from .ops import metrics, status
 from .pop3 import Pop3Session
 from .smtp import SmtpSession
 

@@ -35,10 +35,10 @@ import ssl
 import time
 
 from . import login as login_step
-from . import metrics, proxy_protocol, trace
 from .auth_http import AuthServiceError
 from .backend import BackendError
 from .log import LogContext, SessionLog, hostport, printable, session_summary
+from .ops import metrics, proxy_protocol, trace
 from .sasl import EXCHANGES, make_salt
 from .stream import Closed, Stream, TooLong
 from .tls import TlsChannel, certificate_headers
@@ -111,7 +111,7 @@ class Session(socketserver.BaseRequestHandler):
         self.quit = False
         self.auth_reply = None
         self.salt = b""
-        self.proxy_header = None        # what a PROXY header said (proxy_protocol.py)
+        self.proxy_header = None        # what a PROXY header said (ops/proxy_protocol.py)
         client = self.client_address[0] if self.client_address else "unix:"
         self.context = LogContext(next(_connections), client, self.listen.name)
         self.log = SessionLog(self.service.logger, self.context)

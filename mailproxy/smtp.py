@@ -8,13 +8,13 @@ Two kinds of client meet the proxy on SMTP:
   `none`), carrying the HELO name, MAIL FROM and RCPT TO lines so the auth
   service can choose the backend per recipient.
 
-Before the greeting the client's host name is looked up (resolver.py) and,
+Before the greeting the client's host name is looked up (ops/resolver.py) and,
 with `smtp_greeting_delay`, a client that talks first is turned away.
 """
 
 from . import backend
 from .auth_http import AuthServiceError
-from .resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
+from .ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
 from .sasl import Credentials, SaslError
 from .session import Command, Rejected, Session
 

@@ -138,7 +138,7 @@ def open_fds():
 def reference_auth_service(users_path, poll=0.05):
     """mailproxy's own auth service for `users_path`, on a free loopback
     port, served from a named thread that is joined on the way out."""
-    from mailproxy.authservice import AuthService
+    from mailproxy.reference.authservice import AuthService
     service = AuthService(("127.0.0.1", 0), str(users_path))
     thread = threading.Thread(target=service.serve_forever, args=(poll,),
                               name="test auth service")

@@ -1,4 +1,4 @@
-"""The reference auth service (mailproxy/authservice.py), over real HTTP.
+"""The reference auth service (mailproxy/reference/authservice.py), over real HTTP.
 
 Each test runs the service on a loopback port, in a thread, and asks it what
 the proxy would ask: one GET whose headers carry the credentials (nginx's
@@ -27,10 +27,10 @@ import pytest
 from click.testing import CliRunner
 
 from harness import free_port, reference_auth_service, wait_until
-from mailproxy import authservice
-from mailproxy.authservice import (INVALID, LOCKED, UsersFileError, hash_password,
-                                   parse_users, plain_secret, set_password)
 from mailproxy.cli import main
+from mailproxy.reference import authservice
+from mailproxy.reference.authservice import (INVALID, LOCKED, UsersFileError, hash_password,
+                                             parse_users, plain_secret, set_password)
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 15          # seconds for `mailproxy auth-service` to listen or exit

@@ -1,4 +1,5 @@
-"""config.py and directives.py: nginx-syntax files in, settings or errors out.
+"""config.py and directives.py (with values.py and addresses.py): nginx-syntax
+files in, settings or errors out.
 
 Every configuration mistake must be refused before anything starts, with
 nginx's words and the file:line of the offending line, so each error test
@@ -15,6 +16,7 @@ import pytest
 
 from mailproxy import config as configmod
 from mailproxy import directives as d
+from mailproxy import values
 from mailproxy.config import ConfigError
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "nginx-mail-spec.md"
@@ -591,34 +593,34 @@ def test_proxy_is_accepted_and_stored(tmp_path):
     ("1m30s", 90), ("2h0m5s", 7205),
 ])
 def test_parse_time(text, seconds):
-    assert d.parse_time(text) == pytest.approx(seconds)
+    assert values.parse_time(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", ["", "s", "5x", "1.5s", "-1", "5 m", "m5", "1h 30m"])
 def test_parse_time_refuses(text):
-    with pytest.raises(d.BadValue):
-        d.parse_time(text)
+    with pytest.raises(values.BadValue):
+        values.parse_time(text)
 
 
 @pytest.mark.parametrize("text, size", [
     ("4k", 4096), ("4K", 4096), ("1m", 1048576), ("1M", 1048576), ("4096", 4096), ("0", 0),
 ])
 def test_parse_size(text, size):
-    assert d.parse_size(text) == size
+    assert values.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "k", "4kb", "-1", "1.5k", "4 k"])
 def test_parse_size_refuses(text):
-    with pytest.raises(d.BadValue):
-        d.parse_size(text)
+    with pytest.raises(values.BadValue):
+        values.parse_size(text)
 
 
 def test_parse_flag():
-    assert d.parse_flag("on") is True
-    assert d.parse_flag("off") is False
+    assert values.parse_flag("on") is True
+    assert values.parse_flag("off") is False
     for text in ("On", "yes", "1", ""):
-        with pytest.raises(d.BadValue, match='it must be "on" or "off"'):
-            d.parse_flag(text)
+        with pytest.raises(values.BadValue, match='it must be "on" or "off"'):
+            values.parse_flag(text)
 
 
 # ------------------------------------------------------------- inheritance

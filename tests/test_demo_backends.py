@@ -20,8 +20,9 @@ import time
 
 import pytest
 
-from mailproxy import demo_backends as demo
-from mailproxy.demo_backends import Mailstore, start_backends
+from mailproxy.reference import backend_common, backend_imap, backend_pop3, backend_smtp
+from mailproxy.reference.demo_backends import start_backends
+from mailproxy.reference.mailstore import Mailstore
 
 PASSWORD = "secret"
 TIMEOUT = 5
@@ -97,9 +98,9 @@ def raw_imap_selected(backends, user):
 
 def test_imap_greets_with_its_capabilities(backends):
     raw = Raw(backends.imap_port)
-    assert raw.line() == demo.IMAP_GREETING
+    assert raw.line() == backend_imap.IMAP_GREETING
     raw.send(b"a CAPABILITY\r\n")
-    assert raw.until(b"a ") == [demo.IMAP_CAPABILITY, b"a OK CAPABILITY completed\r\n"]
+    assert raw.until(b"a ") == [backend_imap.IMAP_CAPABILITY, b"a OK CAPABILITY completed\r\n"]
     raw.close()
 
 
@@ -107,9 +108,9 @@ def test_imap_login_with_literals_exactly_as_the_proxy_sends_it(backends):
     raw = Raw(backends.imap_port)
     raw.line()
     raw.send(b"a LOGIN {3}\r\n")
-    assert raw.line() == demo.IMAP_CONTINUE
+    assert raw.line() == backend_imap.IMAP_CONTINUE
     raw.send(b"joe {6}\r\n")
-    assert raw.line() == demo.IMAP_CONTINUE
+    assert raw.line() == backend_imap.IMAP_CONTINUE
     raw.send(b"secret\r\n")
     assert raw.line().startswith(b"a OK ")
     raw.close()
@@ -120,7 +121,7 @@ def test_imap_login_with_non_synchronizing_literals(backends):
     raw.line()
     raw.send(b'a LOGIN {3+}\r\njoe {6+}\r\nsecret\r\nb LOGOUT\r\n')
     assert raw.line().startswith(b"a OK ")
-    assert raw.until(b"b ") == [demo.IMAP_BYE, b"b OK LOGOUT completed\r\n"]
+    assert raw.until(b"b ") == [backend_imap.IMAP_BYE, b"b OK LOGOUT completed\r\n"]
     raw.close()
 
 
@@ -135,9 +136,9 @@ def test_imap_unknown_and_untimely_commands(backends):
     raw = Raw(backends.imap_port)
     raw.line()
     raw.send(b"a FROBNICATE\r\nb FETCH 1 FLAGS\r\nc LOGIN joe\r\n")
-    assert raw.line() == b"a " + demo.IMAP_UNKNOWN + b"\r\n"
-    assert raw.line() == b"b " + demo.IMAP_NOT_NOW + b"\r\n"
-    assert raw.line() == b"c " + demo.IMAP_SYNTAX + b"\r\n"
+    assert raw.line() == b"a " + backend_imap.IMAP_UNKNOWN + b"\r\n"
+    assert raw.line() == b"b " + backend_imap.IMAP_NOT_NOW + b"\r\n"
+    assert raw.line() == b"c " + backend_imap.IMAP_SYNTAX + b"\r\n"
     raw.close()
 
 
@@ -221,7 +222,7 @@ def test_imap_examine_is_read_only(backends, store, user):
         imap.fetch("1", "(BODY[])")
         assert store.messages(user)[0].flags == set()
         assert imap.store("1", "+FLAGS", "(\\Deleted)") == (
-            "NO", [demo.IMAP_READ_ONLY[3:]])
+            "NO", [backend_imap.IMAP_READ_ONLY[3:]])
 
 
 def test_imap_list_status_and_search(backends, store, user):
@@ -231,7 +232,7 @@ def test_imap_list_status_and_search(backends, store, user):
         assert imap.list('""', "Sent") == ("OK", [None])
         assert imap.status("INBOX", "(MESSAGES UIDNEXT UNSEEN)") == (
             "OK", [b"INBOX (MESSAGES 3 UIDNEXT 4 UNSEEN 3)"])
-        assert imap.select("Sent") == ("NO", [demo.IMAP_NO_MAILBOX[3:]])
+        assert imap.select("Sent") == ("NO", [backend_imap.IMAP_NO_MAILBOX[3:]])
         imap.select("INBOX")
         store.delete(user, [1])
         assert imap.search(None, "ALL") == ("OK", [b"2 3"])    # the client still sees 3
@@ -243,7 +244,7 @@ def test_imap_list_status_and_search(backends, store, user):
 def test_imap_idle_reports_new_mail_until_done(backends, store, user):
     raw = raw_imap_selected(backends, user)
     raw.send(b"c IDLE\r\n")
-    assert raw.line() == demo.IMAP_IDLING
+    assert raw.line() == backend_imap.IMAP_IDLING
     store.deliver(user, b"Subject: while you wait\r\n\r\nhi\r\n")
     assert raw.line() == b"* 4 EXISTS\r\n"
     raw.send(b"DONE\r\n")
@@ -257,8 +258,8 @@ def test_imap_idle_reports_new_mail_until_done(backends, store, user):
 def test_imap_too_long_a_line_ends_the_conversation(backends):
     raw = Raw(backends.imap_port)
     raw.line()
-    raw.send(b"a " + b"x" * demo.LINE_LIMIT + b"\r\n")
-    assert raw.line() == demo.IMAP_TOO_LONG
+    raw.send(b"a " + b"x" * backend_common.LINE_LIMIT + b"\r\n")
+    assert raw.line() == backend_imap.IMAP_TOO_LONG
     assert raw.line() == b""
     raw.close()
 
@@ -275,7 +276,7 @@ def pop3_session(backends, user):
 def test_pop3_stat_list_and_retr_give_the_stored_bytes(backends, store, user):
     messages = store.messages(user)
     pop = pop3_session(backends, user)
-    assert pop.getwelcome() == demo.POP3_GREETING.rstrip()
+    assert pop.getwelcome() == backend_pop3.POP3_GREETING.rstrip()
     assert pop.stat() == (3, sum(len(m.data) for m in messages))
     assert pop.list()[1] == [b"%d %d" % (n, len(m.data)) for n, m in enumerate(messages, 1)]
     assert pop.list(2) == b"+OK 2 %d" % len(messages[1].data)
@@ -311,7 +312,8 @@ def test_pop3_dele_takes_effect_at_quit_and_rset_undoes_it(backends, store, user
 def test_pop3_wrong_password_and_order(backends):
     pop = poplib.POP3("127.0.0.1", backends.pop3_port, timeout=TIMEOUT)
     pop.user("joe")
-    with pytest.raises(poplib.error_proto, match=re.escape(demo.POP3_LOGIN_FAILED.decode())):
+    refusal = re.escape(backend_pop3.POP3_LOGIN_FAILED.decode())
+    with pytest.raises(poplib.error_proto, match=refusal):
         pop.pass_("wrong")
     with pytest.raises(poplib.error_proto, match="not valid in this state"):
         pop.stat()
@@ -329,14 +331,14 @@ def test_smtp_ehlo_advertises_xclient_and_the_rest(backends):
         assert smtp.ehlo("proxy.example")[0] == 250
         assert smtp.esmtp_features["xclient"].split() == ["ADDR", "NAME", "LOGIN"]
         assert smtp.has_extn("pipelining") and smtp.has_extn("8bitmime")
-        assert int(smtp.esmtp_features["size"]) == demo.MAX_MESSAGE
+        assert int(smtp.esmtp_features["size"]) == backend_smtp.MAX_MESSAGE
 
 
 def test_smtp_mail_after_xclient_arrives_in_the_imap_mailbox(backends, store, user):
     with smtplib.SMTP("127.0.0.1", backends.smtp_port, timeout=TIMEOUT) as smtp:
         smtp.ehlo("proxy.example")
         code, text = smtp.docmd("XCLIENT", f"ADDR=192.0.2.7 LOGIN={user} NAME=client.example")
-        assert (code, text) == (220, demo.SMTP_GREETING[4:].strip())
+        assert (code, text) == (220, backend_smtp.SMTP_GREETING[4:].strip())
         smtp.sendmail("ann@example.org", [f"{user}@demo.backend"], MESSAGE)
     with imap_session(backends, user) as imap:
         assert imap.select("INBOX") == ("OK", [b"4"])
@@ -364,26 +366,27 @@ def test_smtp_xclient_values_are_xtext_and_cannot_add_header_lines(backends, sto
 def test_smtp_refuses_unknown_recipients_and_wrong_order(backends):
     with smtplib.SMTP("127.0.0.1", backends.smtp_port, timeout=TIMEOUT) as smtp:
         smtp.ehlo("client.example")
-        assert smtp.docmd("RCPT TO:<joe@demo.backend>") == (503, demo.SMTP_NOT_NOW[4:])
+        assert smtp.docmd("RCPT TO:<joe@demo.backend>") == (503, backend_smtp.SMTP_NOT_NOW[4:])
         assert smtp.docmd("MAIL FROM:<ann@example.org> SIZE=100 BODY=8BITMIME")[0] == 250
-        assert smtp.docmd("DATA") == (503, demo.SMTP_NOT_NOW[4:])
-        assert smtp.docmd("RCPT TO:<nobody@demo.backend>") == (550, demo.SMTP_NO_USER[4:])
+        assert smtp.docmd("DATA") == (503, backend_smtp.SMTP_NOT_NOW[4:])
+        assert smtp.docmd("RCPT TO:<nobody@demo.backend>") == (550, backend_smtp.SMTP_NO_USER[4:])
         assert smtp.docmd("MAIL FROM:<ann@example.org>")[0] == 503
         assert smtp.docmd("RSET")[0] == 250
-        assert smtp.docmd("MAIL FROM:<a@b> SIZE=%d" % (demo.MAX_MESSAGE + 1)) == (
-            552, demo.SMTP_TOO_BIG[4:])
-        assert smtp.docmd("VRFY joe") == (502, demo.SMTP_UNKNOWN[4:])
+        assert smtp.docmd("MAIL FROM:<a@b> SIZE=%d" % (backend_smtp.MAX_MESSAGE + 1)) == (
+            552, backend_smtp.SMTP_TOO_BIG[4:])
+        assert smtp.docmd("VRFY joe") == (502, backend_smtp.SMTP_UNKNOWN[4:])
 
 
 def test_smtp_whole_address_users_and_pipelining(backends, store):
     store.users["ann@example.org"] = PASSWORD
     raw = Raw(backends.smtp_port)
-    assert raw.line() == demo.SMTP_GREETING
+    assert raw.line() == backend_smtp.SMTP_GREETING
     raw.send(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<ann@example.org>\r\nDATA\r\n")
     lines = raw.until(b"354")
-    assert lines[-3:] == [demo.SMTP_SENDER_OK, demo.SMTP_RECIPIENT_OK, demo.SMTP_GO_AHEAD]
+    assert lines[-3:] == [backend_smtp.SMTP_SENDER_OK, backend_smtp.SMTP_RECIPIENT_OK,
+                          backend_smtp.SMTP_GO_AHEAD]
     raw.send(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
-    assert [raw.line(), raw.line()] == [demo.SMTP_QUEUED, demo.SMTP_BYE]
+    assert [raw.line(), raw.line()] == [backend_smtp.SMTP_QUEUED, backend_smtp.SMTP_BYE]
     assert store.messages("ann@example.org")[0].data.endswith(b"\r\n\r\n.dot\r\n")
     raw.close()
 
@@ -396,7 +399,7 @@ def test_sessions_run_in_named_threads(backends):
     name = "demo pop3 127.0.0.1:%d" % raw.sock.getsockname()[1]
     assert name in [thread.name for thread in threading.enumerate()]
     raw.send(b"QUIT\r\n")
-    assert raw.line() == demo.POP3_BYE
+    assert raw.line() == backend_pop3.POP3_BYE
     raw.close()
 
 
@@ -405,7 +408,7 @@ def test_close_ends_open_conversations_and_joins_threads():
     running = start_backends(store)
     raw = raw_imap_selected(running, "joe")
     raw.send(b"c IDLE\r\n")
-    assert raw.line() == demo.IMAP_IDLING
+    assert raw.line() == backend_imap.IMAP_IDLING
     started = time.monotonic()
     running.close()
     running.close()                                             # a second close is harmless

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailproxy import authservice, config, directives
+from mailproxy import config, directives
+from mailproxy.reference import authservice
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -24,7 +25,7 @@ EXAMPLES = ROOT / "examples"
 # .conf files in examples/ that are not mailproxy configurations.
 OTHER_CONFS = {"users.conf", "logrotate.conf"}
 DIRECTIVE_HEADING = re.compile(r"^### `([a-z0-9_]+)`\s*$", re.MULTILINE)
-MODULE_NAME = re.compile(r"\b((?:mailproxy/)?[a-z_][a-z0-9_]*\.py)\b")
+MODULE_NAME = re.compile(r"\b((?:mailproxy/)?(?:(?:ops|reference)/)?[a-z_][a-z0-9_]*\.py)\b")
 FENCE = re.compile(r"^```[a-z]*\n(.*?)\n```\n", re.DOTALL | re.MULTILINE)
 # An example's certificate and key paths (/etc/mailproxy/...) do not exist
 # here, and config.load opens them to build the TLS context.

@@ -39,10 +39,11 @@ from hypothesis import strategies as st
 
 from fakes import ScriptedAuthService
 from harness import RunningProxy, free_port
-from mailproxy import auth_http, backend, config, directives, imap, pop3, proxy_protocol, sasl
+from mailproxy import auth_http, backend, config, directives, imap, pop3, sasl
 from mailproxy.auth_http import AuthReply, AuthServiceError
 from mailproxy.backend import BackendError
-from mailproxy.proxy_protocol import BrokenHeader, ProxyHeader
+from mailproxy.ops import proxy_protocol
+from mailproxy.ops.proxy_protocol import BrokenHeader, ProxyHeader
 from mailproxy.stream import Closed
 from mailproxy.sasl import Credentials, SaslError
 from mailproxy.stream import Stream

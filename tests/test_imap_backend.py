@@ -28,7 +28,7 @@ from harness import RunningProxy, free_port, open_fds, wait_until
 from imap_client import assert_serving, greeted, ok
 from mailproxy.backend import imap_login
 from mailproxy.imap import INTERNAL_ERROR, INVALID
-from mailproxy.splice import BURST_GAP
+from mailproxy.ops.splice import BURST_GAP
 from mailproxy.login import MAX_WAIT_RETRIES
 from mailproxy.stream import Stream
 from transcript import b64

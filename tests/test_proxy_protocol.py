@@ -28,10 +28,10 @@ from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 from harness import Client, RunningProxy, free_port, wait_until
 from mailproxy import config as configmod
 from mailproxy import imap, smtp
-from mailproxy import proxy_protocol as pp
 from mailproxy.backend import BackendError, send_proxy_header
 from mailproxy.config import ConfigError
-from mailproxy.proxy_protocol import BrokenHeader, ProxyHeader
+from mailproxy.ops import proxy_protocol as pp
+from mailproxy.ops.proxy_protocol import BrokenHeader, ProxyHeader
 from mailproxy.stream import Closed
 
 pytest_plugins = ("certs",)     # certs: a small PKI for the TLS test

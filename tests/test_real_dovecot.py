@@ -3,11 +3,11 @@
     imaplib / poplib / curl  ->  mailproxy  ->  reference auth service
                                      \\------------------------------->  Dovecot
 
-The auth service is mailproxy/authservice.py with a users file written
-here: joe's password in clear text (so CRAM-MD5 and APOP can be checked),
-ann's as a scrypt hash of a password with spaces.  Nothing is scripted:
-a login succeeds only if the auth service verifies it and Dovecot accepts
-what the proxy replays.  One auth service and one proxy serve the module.
+The auth service is mailproxy/reference/authservice.py with a users file
+written here: joe's password in clear text (so CRAM-MD5 and APOP can be
+checked), ann's as a scrypt hash of a password with spaces.  Nothing is
+scripted: a login succeeds only if the auth service verifies it and Dovecot
+accepts what the proxy replays.  One auth service and one proxy serve the module.
 """
 
 import hashlib
@@ -23,8 +23,8 @@ import pytest
 import peers
 from conftest import USERS
 from harness import RunningProxy, reference_auth_service
-from mailproxy.authservice import hash_password, plain_secret
 from mailproxy.imap import GREETING
+from mailproxy.reference.authservice import hash_password, plain_secret
 
 POLL = 0.05                 # seconds: the auth service checks for shutdown this often
 TIMEOUT = 30                # seconds any one client operation may take

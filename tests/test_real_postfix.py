@@ -3,9 +3,9 @@
     smtplib / swaks / curl  ->  mailproxy  ->  reference auth service
                                     \\------------------------------->  Postfix
 
-The auth service is mailproxy/authservice.py with a users file written
-here; Postfix trusts XCLIENT from loopback, so a login shows in its maillog
-as `sasl_method=XCLIENT, sasl_username=...`.  Two listeners share one
+The auth service is mailproxy/reference/authservice.py with a users file
+written here; Postfix trusts XCLIENT from loopback, so a login shows in its
+maillog as `sasl_method=XCLIENT, sasl_username=...`.  Two listeners share one
 proxy: submission (AUTH PLAIN, LOGIN, CRAM-MD5) and MX (`smtp_auth none`,
 where the recipient's local part picks the user, hence the backend).
 """
@@ -21,7 +21,7 @@ import pytest
 
 import peers
 from harness import RunningProxy, reference_auth_service, wait_until
-from mailproxy.authservice import hash_password, plain_secret
+from mailproxy.reference.authservice import hash_password, plain_secret
 
 POLL = 0.05                 # seconds: the auth service checks for shutdown this often
 TIMEOUT = 30                # seconds any one client operation or delivery may take

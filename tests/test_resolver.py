@@ -9,8 +9,11 @@ parses queries and builds answers with dnspython's own message code.
 
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -22,11 +25,12 @@ import pytest
 from fakes import ok
 from harness import wait_until
 from mailproxy import smtp
-from mailproxy.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
+from mailproxy.ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
 from transcript import b64
 
 pytest_plugins = ("proxying",)     # start_proxy, shared_proxy, auth_service, backend
 
+ROOT = Path(__file__).resolve().parent.parent
 PTR_127 = "1.0.0.127.in-addr.arpa."
 PTR_V6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa."
 POLL = 0.05             # how often the server thread looks at its stop flag
@@ -260,3 +264,25 @@ def test_postfix_logs_the_name_passed_in_xclient(start_proxy, auth_service, dns_
         client.noop()
     assert wait_until(lambda: "disconnect from client.example[127.0.0.1]"
                       in postfix.maillog_text(), timeout=10), postfix.maillog_text()[-2000:]
+
+
+# ------------------------------------------------ dnspython only when used
+
+def test_dnspython_is_imported_only_by_a_host_resolver():
+    """A proxy without `resolver` never loads dnspython: importing the
+    command, the server and the SMTP module leaves every `dns` module out
+    of sys.modules, the placeholders import without it, and the first
+    HostResolver brings it in.  In a fresh interpreter, since this test
+    module imports dns itself."""
+    script = "\n".join([
+        "import sys",
+        "import mailproxy.cli, mailproxy.server, mailproxy.smtp",
+        "from mailproxy.ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver",
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'dns'))",
+        "HostResolver(['127.0.0.1'], 1.0)",
+        "print('dns.resolver' in sys.modules)",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "True"]

@@ -26,7 +26,8 @@ import pytest
 
 from fakes import ScriptedAuthService, ScriptedBackend, fail, ok
 from harness import Client, RunningProxy, free_port, wait_until
-from mailproxy import imap, metrics
+from mailproxy import imap
+from mailproxy.ops import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"

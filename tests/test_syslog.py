@@ -16,8 +16,8 @@ import time
 import pytest
 
 from harness import RunningProxy, free_port
+from mailproxy import addresses, directives
 from mailproxy import config as configmod
-from mailproxy import directives
 from mailproxy import log as logmod
 from mailproxy.imap import GREETING
 
@@ -169,7 +169,7 @@ def test_a_full_syslog_queue_never_blocks(tmp_path):
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.bind(path)
-    handler = logmod.SyslogHandler(directives.syslog(f"syslog:server=unix:{path}"))
+    handler = logmod.SyslogHandler(addresses.syslog(f"syslog:server=unix:{path}"))
     handler.setFormatter(logmod.Formatter())
     handler.addFilter(logmod._ThreadId())
     logger = logging.Logger("syslog-test")
@@ -199,11 +199,11 @@ def test_reopen_leaves_syslog_alone(tmp_path, receiver):
 # ------------------------------------------------------------------ config
 
 def test_parameters_and_defaults():
-    target = directives.syslog("syslog:server=127.0.0.1")
+    target = addresses.syslog("syslog:server=127.0.0.1")
     assert (target.family, target.address) == (socket.AF_INET, ("127.0.0.1", 514))
     assert (target.facility, target.severity, target.tag, target.hostname) == \
         (LOCAL7, None, "mailproxy", True)
-    target = directives.syslog("syslog:server=[::1]:5514,facility=auth,severity=warn,"
+    target = addresses.syslog("syslog:server=[::1]:5514,facility=auth,severity=warn,"
                                "tag=mail_proxy1,nohostname")
     assert target.family == socket.AF_INET6 and target.address[:2] == ("::1", 5514)
     assert (target.facility, target.severity, target.tag, target.hostname) == \

@@ -1,4 +1,4 @@
-"""trace.py: the redaction rules alone, then traced sessions through a real proxy.
+"""ops/trace.py: the redaction rules alone, then traced sessions through a real proxy.
 
 The first half feeds the pure per-protocol functions line by line, as a
 session would, and reads what they would show.  The second half runs every
@@ -28,11 +28,11 @@ from click.testing import CliRunner
 from fakes import ScriptedAuthService, ScriptedBackend, ok
 from harness import Client, RunningProxy, free_port, wait_until
 from mailproxy import config as configmod
-from mailproxy import trace
 from mailproxy.cli import main
-from mailproxy.directives import Rule
 from mailproxy.imap import CONTINUE_LITERAL
 from mailproxy.imap import GREETING as IMAP_GREETING
+from mailproxy.ops import trace
+from mailproxy.ops.trace import Rule
 from mailproxy.sasl import PASSWORD_CHALLENGE, USERNAME_CHALLENGE
 from mailproxy.smtp import AUTH_OK
 

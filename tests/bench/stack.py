@@ -35,7 +35,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))            # tests/: peers.py
 sys.path.insert(0, str(REPO))                   # this checkout's mailproxy
 import peers  # noqa: E402
-from mailproxy.demo import throwaway_certificate  # noqa: E402
+from mailproxy.reference.demo import throwaway_certificate  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 USER, PASSWORD = "bench", "secret"

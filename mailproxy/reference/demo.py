@@ -4,8 +4,9 @@ Three pieces start, each the real thing except the last:
 1. the proxy itself, from an ordinary nginx-syntax configuration written to
    a temporary directory (IMAP, POP3 and SMTP listeners);
 2. the reference auth service (authservice.py) with two demo users;
-3. small in-memory IMAP, POP3 and SMTP backends (demo_backends.py): teaching
-   aids, not mail servers, so nothing else needs installing.
+3. small in-memory IMAP, POP3 and SMTP backends (demo_backends.py, one
+   module per protocol): teaching aids, not mail servers, so nothing else
+   needs installing.
 STARTTLS is on for all three listeners, with a throwaway self-signed
 certificate made at start (its path is printed for curl's --cacert).
 
@@ -28,10 +29,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from . import config as configmod
+from .. import config as configmod
+from ..server import Worker
 from .authservice import AuthService, plain_secret
-from .demo_backends import Mailstore, start_backends
-from .server import Worker
+from .demo_backends import start_backends
+from .mailstore import Mailstore
 
 USERS = {"alice": "wonderland", "bob": "builder"}
 PREFERRED_PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587, "auth": 9000}

@@ -11,15 +11,13 @@ of Postfix's two placeholders:
                     could smuggle text into headers (CVE-2026-28753)
 
 dnspython queries the servers named by the `resolver` directive, never the
-system resolver, and every query is bounded by `resolver_timeout`.
+system resolver, and every query is bounded by `resolver_timeout`.  It is
+imported by the first HostResolver, so a proxy with no `resolver` never
+loads it; the placeholders above need no dnspython.
 """
 
 import ipaddress
 import re
-
-import dns.exception
-import dns.resolver
-import dns.reversename
 
 UNAVAILABLE = "[UNAVAILABLE]"
 TEMPUNAVAIL = "[TEMPUNAVAIL]"
@@ -30,6 +28,11 @@ class HostResolver:
     """Built once per server from `resolver ADDR[:PORT] ... [ipv4=] [ipv6=]`."""
 
     def __init__(self, args, timeout):
+        # Here, not at the top: a proxy without `resolver` never loads dnspython.
+        import dns.exception
+        import dns.resolver
+        self.no_name = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)    # -> [UNAVAILABLE]
+        self.failure = dns.exception.DNSException                      # -> [TEMPUNAVAIL]
         self.resolver = dns.resolver.Resolver(configure=False)
         self.resolver.lifetime = timeout
         self.resolver.timeout = timeout
@@ -52,9 +55,9 @@ class HostResolver:
         second value is a reason to log, or None."""
         try:
             answer = self.resolver.resolve_address(address)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except self.no_name:
             return UNAVAILABLE, None
-        except dns.exception.DNSException as exc:
+        except self.failure as exc:
             return TEMPUNAVAIL, f"PTR lookup of {address} failed: {type(exc).__name__}"
         name = str(answer[0].target).rstrip(".")
         if not VALID_NAME.fullmatch(name):
@@ -69,9 +72,9 @@ class HostResolver:
                 continue
             try:
                 answer = self.resolver.resolve(name, rdtype)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            except self.no_name:
                 continue
-            except dns.exception.DNSException:
+            except self.failure:
                 failed = True
                 continue
             if any(ipaddress.ip_address(record.address) == address for record in answer):

@@ -27,7 +27,7 @@ import os
 import select
 import socket
 
-from .relay import Relay
+from ..relay import Relay
 
 HAVE_SPLICE = hasattr(os, "splice")
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)

@@ -33,10 +33,11 @@ import os
 import signal
 import time
 
-from . import NGINX_COMPAT, __version__, log as logmod, metrics
-from .config import ConfigError
-from .listening import close_sockets, open_sockets, socket_plan
-from .server import drop_privileges, run_worker
+from .. import NGINX_COMPAT, __version__, log as logmod
+from ..config import ConfigError
+from ..listening import close_sockets, open_sockets, socket_plan
+from ..server import drop_privileges, run_worker
+from . import metrics
 from .status import open_socket as open_status_socket, serve_process as serve_status
 
 HANDLED = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,

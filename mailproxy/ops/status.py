@@ -31,7 +31,7 @@ import socketserver
 import time
 from urllib.parse import urlsplit
 
-from . import __version__
+from .. import __version__
 from . import metrics as m
 
 REQUEST_TIMEOUT = 5.0       # seconds one status request may take, reading and writing
@@ -123,47 +123,58 @@ def render_metrics(table):
     """The Prometheus page: HELP and TYPE, then the samples, per family."""
     totals, workers = table.totals(), table.workers()
     out = []
-
-    def family(name, kind, text, samples):
+    for name, kind, text, samples in (_session_families(totals)
+                                      + _process_families(workers, table.started)):
         out.append(f"# HELP {name} {text}")
         out.append(f"# TYPE {name} {kind}")
         out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples)
-
-    family("mailproxy_sessions_open", "gauge", "Sessions open now, by protocol and phase.",
-           [({"protocol": p, "phase": phase}, totals[_open(i, j)])
-            for i, p in enumerate(m.PROTOCOLS) for j, phase in enumerate(m.PHASES)])
-    family("mailproxy_sessions_total", "counter", "Sessions accepted, by protocol.",
-           [({"protocol": p}, totals[m.TOTAL + i]) for i, p in enumerate(m.PROTOCOLS)])
-    family("mailproxy_auth_results_total", "counter",
-           "Auth service answers: ok, fail (refused), wait (Auth-Status: WAIT), "
-           "error (no usable answer).",
-           [({"protocol": p, "result": result}, totals[_auth(i, j)])
-            for i, p in enumerate(m.PROTOCOLS) for j, result in enumerate(m.AUTH_RESULTS)])
-    family("mailproxy_auth_duration_seconds", "histogram",
-           "How long the auth service took to answer.", _histogram(totals))
-    family("mailproxy_backend_connect_errors_total", "counter",
-           "Backend connections that failed (TCP connect or TLS handshake).",
-           [({"protocol": p}, totals[m.BACKEND_ERRORS + i]) for i, p in enumerate(m.PROTOCOLS)])
-    family("mailproxy_relayed_bytes_total", "counter",
-           "Bytes relayed after login, counted when a session ends.",
-           [({"protocol": p, "direction": name}, totals[offset + i])
-            for i, p in enumerate(m.PROTOCOLS) for name, offset in DIRECTIONS])
-    family("mailproxy_connections_dropped_total", "counter",
-           "Connections closed at once because worker_connections were all in use.",
-           [({}, totals[m.DROPPED])])
-    family("mailproxy_worker_info", "gauge", "One per worker process, with its state.",
-           [({"pid": w.pid, "slot": w.slot, "state": w.state}, 1) for w in workers])
-    family("mailproxy_worker_sessions", "gauge", "Sessions open in each worker.",
-           [({"pid": w.pid}, w.sessions) for w in workers])
-    family("mailproxy_worker_threads", "gauge", "Threads in each worker.",
-           [({"pid": w.pid}, w.threads) for w in workers])
-    family("mailproxy_worker_start_time_seconds", "gauge",
-           "When each worker started, in Unix time.",
-           [({"pid": w.pid}, w.started) for w in workers])
-    family("process_start_time_seconds", "gauge",
-           "When the master (or the single process) started, in Unix time.",
-           [({}, table.started)])
     return "\n".join(out) + "\n"
+
+
+def _session_families(totals):
+    """(name, type, help, samples) of the counters summed over every worker."""
+    return [
+        ("mailproxy_sessions_open", "gauge", "Sessions open now, by protocol and phase.",
+         [({"protocol": p, "phase": phase}, totals[_open(i, j)])
+          for i, p in enumerate(m.PROTOCOLS) for j, phase in enumerate(m.PHASES)]),
+        ("mailproxy_sessions_total", "counter", "Sessions accepted, by protocol.",
+         [({"protocol": p}, totals[m.TOTAL + i]) for i, p in enumerate(m.PROTOCOLS)]),
+        ("mailproxy_auth_results_total", "counter",
+         "Auth service answers: ok, fail (refused), wait (Auth-Status: WAIT), "
+         "error (no usable answer).",
+         [({"protocol": p, "result": result}, totals[_auth(i, j)])
+          for i, p in enumerate(m.PROTOCOLS) for j, result in enumerate(m.AUTH_RESULTS)]),
+        ("mailproxy_auth_duration_seconds", "histogram",
+         "How long the auth service took to answer.", _histogram(totals)),
+        ("mailproxy_backend_connect_errors_total", "counter",
+         "Backend connections that failed (TCP connect or TLS handshake).",
+         [({"protocol": p}, totals[m.BACKEND_ERRORS + i]) for i, p in enumerate(m.PROTOCOLS)]),
+        ("mailproxy_relayed_bytes_total", "counter",
+         "Bytes relayed after login, counted when a session ends.",
+         [({"protocol": p, "direction": name}, totals[offset + i])
+          for i, p in enumerate(m.PROTOCOLS) for name, offset in DIRECTIONS]),
+        ("mailproxy_connections_dropped_total", "counter",
+         "Connections closed at once because worker_connections were all in use.",
+         [({}, totals[m.DROPPED])]),
+    ]
+
+
+def _process_families(workers, started):
+    """(name, type, help, samples) of each worker, and of the master."""
+    return [
+        ("mailproxy_worker_info", "gauge", "One per worker process, with its state.",
+         [({"pid": w.pid, "slot": w.slot, "state": w.state}, 1) for w in workers]),
+        ("mailproxy_worker_sessions", "gauge", "Sessions open in each worker.",
+         [({"pid": w.pid}, w.sessions) for w in workers]),
+        ("mailproxy_worker_threads", "gauge", "Threads in each worker.",
+         [({"pid": w.pid}, w.threads) for w in workers]),
+        ("mailproxy_worker_start_time_seconds", "gauge",
+         "When each worker started, in Unix time.",
+         [({"pid": w.pid}, w.started) for w in workers]),
+        ("process_start_time_seconds", "gauge",
+         "When the master (or the single process) started, in Unix time.",
+         [({}, started)]),
+    ]
 
 
 def _histogram(totals):

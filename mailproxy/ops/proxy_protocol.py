@@ -37,8 +37,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .directives import UNIX_PREFIX
-from .stream import Closed
+from ..addresses import UNIX_PREFIX
+from ..stream import Closed
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107                # the longest v1 line, CRLF included (proxy-protocol.txt 2.1)
