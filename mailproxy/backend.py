@@ -1,10 +1,12 @@
 """Connecting to the backend and logging in on the client's behalf.
 
 The auth service has named a backend (`Auth-Server`:`Auth-Port`) and the
-login and password to use there.  `connect()` opens the connection under the
-`timeout` deadline, which then covers the whole login dialogue (spec 4.1);
-the protocol's login function (`imap_login`, ...) replays the login and
-returns the backend's final reply, which the session forwards to the client.
+login and password to use there.  `new_socket()` makes the socket (the
+session holds it from then on, so a fast stop can cut a connect in
+progress) and `connect()` connects it under the `timeout` deadline, which
+then covers the whole login dialogue (spec 4.1); the protocol's login
+function (`imap_login`, ...) replays the login and returns the backend's
+final reply, which the session forwards to the client.
 
 Every backend reply is one bounded line (`proxy_buffer`, spec 4.5).  A reply
 that is not the expected one raises BackendError carrying the backend's

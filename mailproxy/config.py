@@ -357,8 +357,9 @@ def _server(level, mail, main):
 
 def _check_tls(server):
     """nginx's TLS configuration checks, then the contexts themselves are
-    built once (a missing file or bad cipher list is an error now, as
-    `nginx -t` reports it, not at the first client)."""
+    built once as a trial (a missing file or bad cipher list is an error
+    now, as `nginx -t` reports it, not at the first client); the ones the
+    sessions use are built by server.Service."""
     settings = server.settings
     # (what needs a certificate, where it was said): nginx names that line
     users = [(f'"{name}"', where) for name, where in

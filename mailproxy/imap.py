@@ -1,11 +1,12 @@
 """IMAP before login (RFC 3501, as nginx's mail module speaks it).
 
 The proxy answers CAPABILITY, NOOP, LOGOUT and (beyond nginx) ID itself,
-takes credentials from LOGIN or AUTHENTICATE, and hands them to the shared
-session machinery.  The parser follows nginx 1.29 (spec 3.1): a tag of 1-32
-characters from [A-Za-z0-9._-], a keyword of letters, then at most three
-arguments, each an atom, a "quoted string" or a literal {N} / {N+}.  A whole
-command, literals included, must fit in `imap_client_buffer`.
+and takes credentials from LOGIN or AUTHENTICATE: those handlers return
+them to the session's command loop, which hands them to login.py.  The
+parser follows nginx 1.29 (spec 3.1): a tag of 1-32 characters from
+[A-Za-z0-9._-], a keyword of letters, then at most three arguments, each
+an atom, a "quoted string" or a literal {N} / {N+}.  A whole command,
+literals included, must fit in `imap_client_buffer`.
 """
 
 import re

@@ -250,8 +250,9 @@ def session_summary(client, protocol, login, backend, tls, received, sent, secon
     client 127.0.0.1:50123, imap, login "joe", backend 127.0.0.1:1143,
     tls TLSv1.3, 2.1 MB in, 45.0 KB out, 00:12:07, closed by client
 
-    `login` is already printable (SessionLog's login_text); a quote in it
-    is escaped too, so the field always ends at the next quote."""
+    `login` is already printable (printable(), as the session stores it);
+    a quote in it is escaped too, so the field always ends at the next
+    quote."""
     login = '"' + login.replace('"', "\\x22") + '"' if login is not None else "-"
     return (f"client {client or '-'}, {protocol}, login {login}, "
             f"backend {backend or '-'}, tls {tls or '-'}, {human_size(received)} in, "

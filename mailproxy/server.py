@@ -82,9 +82,10 @@ def _is_loopback(address):
 
 
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """One listening socket, opened by `open_socket` (here, or in the master
-    process before it forked us).  `routes` maps a local (host, port) to the
-    (service, Listen entry) that serves it; `default` serves the rest.
+    """One listening socket, opened by listening.open_socket() (in this
+    process, or in the master process before it forked us).  `routes` maps
+    a local (host, port) to the (service, Listen entry) that serves it;
+    `default` serves the rest.
 
     Handler threads are daemon threads (`daemon_threads`), and
     server_close() does not wait for them (`block_on_close` off): the

@@ -99,7 +99,7 @@ class StatusServer(http.server.HTTPServer):
 
 def open_socket(listen):
     """The listening socket for a `status_listen` address (a Listen entry);
-    OSError names the address, as server.open_sockets does."""
+    OSError names the address, as listening.open_sockets does."""
     try:
         return socket.create_server((listen.host, listen.port), family=listen.family,
                                     backlog=BACKLOG)
