@@ -166,14 +166,14 @@ class Destinations:
             handler.acquire()
             try:
                 try:
-                    stream = handler._open()
+                    stream = open(handler.baseFilename, "a", encoding="utf-8",
+                                  errors="backslashreplace")
                 except OSError as exc:
                     handler.stream.write(f"reopening {handler.baseFilename} failed "
                                          f"({exc.strerror}), still writing here\n")
                     handler.stream.flush()
                     continue
-                handler.stream.close()
-                handler.stream = stream
+                handler.setStream(stream).close()
             finally:
                 handler.release()
 

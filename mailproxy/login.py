@@ -13,8 +13,9 @@ share:
          reply, then relay bytes both ways until one side closes.
 
 What it uses of the session: its config and service (auth client, TLS to
-backends), its client Stream and log, the protocol hooks (auth_request
-headers, auth_failed_reply, back_to_start, backend_login, relay_buffers)
+backends), its client Stream and log, the protocol hooks
+(auth_extra_headers, auth_failed_reply, back_to_start, backend_login,
+relay_buffers)
 and the fields the logs and the status page show.
 """
 
@@ -80,6 +81,8 @@ def ask_auth_service(session, credentials):
 def ask_once(session, request):
     """One auth service round trip, timed and counted for the status page."""
     started = time.monotonic()
+    session.log.debug("auth http request sent: %s, attempt %d", request.method,
+                      request.attempt)
     try:
         reply = session.service.auth.ask(request)
     except AuthServiceError:
@@ -87,6 +90,8 @@ def ask_once(session, request):
         raise
     session.meter.auth(session.protocol, metrics.auth_result(reply),
                        time.monotonic() - started)
+    session.log.debug('auth http server answered "%s"%s', reply.status,
+                      f", backend {hostport(reply.server, reply.port)}" if reply.ok else "")
     return reply
 
 
@@ -131,6 +136,7 @@ def connect_backend(session, credentials, reply):
         final = session.backend_login(stream, login, password, starttls)
     except BackendError as exc:
         return backend_failed(session, exc)
+    session.client.set_deadline(session.config.timeout)    # a client that stops reading
     session.send(final + stream.take_buffer())
     return stream
 
@@ -148,6 +154,7 @@ def open_backend(session, server, port):
     except BackendError:
         session.meter.backend_error(session.protocol)
         raise
+    session.log.debug("upstream connected")
     if session.tracer:
         stream = session.tracer.backend_stream(stream)
     return stream
@@ -175,7 +182,12 @@ def relay(session):
                          linger=session.config.timeout, buffers=session.relay_buffers(),
                          name=f"session-{session.context.conn}")
     leftover = session.client.take_buffer()        # already counted as received
+    session.log.debug("relay started (%s), %d pipelined bytes first", relay_type.__name__,
+                      len(leftover))
     outcome = relayer.run(leftover)
+    session.log.debug("relay done: %d bytes from the client, %d from the backend, "
+                      "closed by %s", outcome.client_bytes, outcome.backend_bytes,
+                      outcome.closed_by or "error")
     session.meter.relayed(session.protocol, outcome.client_bytes, outcome.backend_bytes)
     session.quit = True
     session.relayed = (max(0, outcome.client_bytes - len(leftover)), outcome.backend_bytes)

@@ -76,9 +76,9 @@ class Command:
 class Session(socketserver.BaseRequestHandler):
     """One client connection.  Subclasses set the class attributes below
     and define `read_command`, `greet`, the `do_<VERB>` handlers and the
-    hooks at the end (command_limit, invalid_reply, too_long_reply,
-    auth_failed_reply, backend_login; back_to_start and auth_extra_headers
-    have defaults).  `service` is the server{}'s shared, read-only part
+    hooks (command_limit, invalid_reply, too_long_reply, auth_failed_reply,
+    backend_login; back_to_start, auth_extra_headers and relay_buffers have
+    defaults).  `service` is the server{}'s shared, read-only part
     (server.Service); `listen` the `listen` entry the client came in on."""
 
     protocol = ""
@@ -204,6 +204,7 @@ class Session(socketserver.BaseRequestHandler):
         """Read and run one command; the credentials it took, if any."""
         try:
             command = self.read_command()
+            self.log.debug("client command %s in %s state", command.verb, self.state)
             handler = self.handlers.get(command.verb)
             if handler is None:
                 raise Rejected(self.invalid_reply(command), counted=True)
@@ -287,6 +288,9 @@ class Session(socketserver.BaseRequestHandler):
         self.context.login = None if login is None else printable(login)
 
     def set_step(self, text):
+        """What the session does now ("while <step>" in its log lines)."""
+        if text != self.context.step:
+            self.log.debug("%s", text)
         self.context.step = text
 
     def enter(self, phase):
