@@ -167,17 +167,11 @@ class Stream:
 
 def _readable(sock, seconds):
     """Wait up to `seconds` for `sock` to become readable (or reach EOF);
-    a TLS channel that holds decrypted bytes already is."""
+    a TLS channel that holds decrypted bytes already is.  A wait with
+    poll() on a blocking socket, not a read: poll(), not select(), as a
+    busy proxy has fds above select()'s 1023."""
     if getattr(sock, "pending", lambda: 0)():
         return True
-    return wait_for(sock, select.POLLIN, seconds)
-
-
-def wait_for(sock, events, seconds):
-    """poll() one socket for `events` for at most `seconds` (None: no
-    limit); False if the time passed.  poll(), not select(): a busy proxy
-    has fds above select()'s 1023."""
     poller = select.poll()
-    poller.register(sock, events)
-    return bool(poller.poll(None if seconds is None else seconds * 1000))
-
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
