@@ -23,6 +23,7 @@ from dataclasses import dataclass
 USERNAME_CHALLENGE = "VXNlcm5hbWU6"      # base64("Username:")
 PASSWORD_CHALLENGE = "UGFzc3dvcmQ6"      # base64("Password:")
 CRAM_MD5_DIGEST_LENGTH = 32              # hex MD5, RFC 2195; nginx checks the length only
+MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL")   # capability order
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*")
 
 
