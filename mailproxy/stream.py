@@ -22,6 +22,7 @@ import socket
 import time
 
 CHUNK = 4096            # one recv(); commands are short, literals arrive in pieces
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)     # the peer closed; Linux's value
 WAIT_STEP = 3600        # longest single poll() of a wait: an Auth-Wait of 10**11
                         # seconds would overflow poll()'s timeout, so it is waited in steps
 
@@ -131,15 +132,17 @@ class Stream:
         """Sleep `seconds`, but notice if the peer goes away meanwhile.
 
         Bytes that arrive are kept (up to `limit` buffered), since a client
-        may already have sent its next command.  Raises Closed on EOF.
+        may already have sent its next command.  Raises Closed on EOF, also
+        once `limit` bytes are buffered (POLLRDHUP still says so).
         """
         end = time.monotonic() + seconds
         while True:
             left = min(end - time.monotonic(), WAIT_STEP)
             if left <= 0:
                 return
-            if len(self.buffer) >= limit:
-                time.sleep(left)
+            if len(self.buffer) >= limit:       # no room: watch for the close only
+                if _hung_up_within(self.sock, left):
+                    raise Closed()
                 continue
             if not _readable(self.sock, left):
                 continue
@@ -174,4 +177,12 @@ def _readable(sock, seconds):
         return True
     poller = select.poll()
     poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
+
+
+def _hung_up_within(sock, seconds):
+    """Did the peer close (or reset) within `seconds`?  Only the close
+    wakes this wait, not bytes that arrive: Linux's POLLRDHUP."""
+    poller = select.poll()
+    poller.register(sock, POLLRDHUP)
     return bool(poller.poll(seconds * 1000))

@@ -235,6 +235,22 @@ def test_client_leaving_during_wait_stops_the_questions(start, auth):
     assert len(auth.requests) == 1
 
 
+def test_client_leaving_with_a_full_buffer_during_auth_wait_is_noticed(start, auth):
+    """A client that pipelines a whole command buffer and leaves during the
+    Auth-Wait: the session ends when it leaves, not when the wait does."""
+    auth.reply = fakes.fail("Invalid login or password", wait=30)
+    proxy = start(auth=auth.url)
+    with greeted(proxy) as client:
+        client.send(b"a LOGIN joe wrong\r\n")
+        auth.wait_requests(1)
+        client.send(b"b NOOP " + b"x" * 5000 + b"\r\n")       # more than imap_client_buffer
+        time.sleep(0.3)
+    began = time.monotonic()
+    proxy.wait_log("client closed connection", timeout=5)
+    assert time.monotonic() - began < 5
+    assert wait_until(lambda: not proxy.session_threads(), timeout=2)
+
+
 AUTH_SERVICE_FAILURES = {
     "silent": Hang(3),                                      # auth_http_timeout 1s
     "not http": b"garbage\r\n\r\n",
