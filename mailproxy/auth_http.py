@@ -12,12 +12,14 @@ public classes and documented extension points:
   http://.  Subclassing HTTPAdapter is requests' way to change the
   transport, and `get_connection_with_tls_context()` is the method it
   exposes "for use when subclassing" to choose the pool for a request:
-  ours returns one `AuthPool`, whatever host the URL names;
+  ours returns one `AuthPool`, whatever host the URL names.  For
+  `auth_http unix:/path:/uri` the URL is http://localhost/uri and the
+  pool holds the path;
 * `AuthPool`: urllib3's HTTPConnectionPool making `AuthConnection`s (its
-  `ConnectionCls` class attribute), each given the time budget (the
-  pool's `**conn_kw`, passed on to every connection);
+  `ConnectionCls` class attribute), each given the socket path and the
+  time budget (the pool's `**conn_kw`, passed on to every connection);
 * `AuthConnection`: urllib3's HTTPConnection with its public `connect()`
-  replaced and `request()`/`getresponse()` wrapped;
+  replaced (a unix socket or TCP) and `request()`/`getresponse()` wrapped;
 * `DeadlineSocket`: a socket.socket whose waits all end at one deadline.
 
 Not taken: an `init_poolmanager()` that changes the PoolManager's
@@ -72,9 +74,12 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import SKIP_HEADER, Retry
 
+from .addresses import UNIX_PREFIX
+
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
 MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
 POOL_SIZE = 64              # idle keep-alive connections kept per server
+UNIX_HOST = "localhost"     # nginx's Host header for a unix: auth service
 TIMED_OUT = "timed out"
 # urllib3's retries, all off.  A request that failed may have reached the
 # auth service, which may have counted the attempt, so it is never sent
@@ -154,23 +159,32 @@ def escape(value):
 
 
 class AuthClient:
-    """Asks one `auth_http` service; shared by every session of a server."""
+    """Asks one `auth_http` service; shared by every session of a server.
+    `url` is the directive's value: (host, port, uri), or for a unix
+    socket ("unix:/path", None, uri)."""
 
     def __init__(self, url, timeout, headers=()):
         host, port, uri = url
         self.timeout = timeout
         self.extra_headers = tuple(headers)
-        self.host = f"[{host}]" if ":" in host else host   # nginx sends Host without the port
-        self.url = f"http://{self.host}:{port}{uri}"
+        if host.startswith(UNIX_PREFIX):
+            self.host = UNIX_HOST
+            self.url = f"{host}:{uri}"      # as configured, for the log
+            target = f"http://{UNIX_HOST}{uri}"
+            pool = AuthPool(UNIX_HOST, path=host[len(UNIX_PREFIX):], budget=timeout)
+        else:
+            self.host = f"[{host}]" if ":" in host else host   # nginx sends Host without the port
+            self.url = target = f"http://{self.host}:{port}{uri}"
+            pool = AuthPool(host, port, budget=timeout)
         self.http = requests.Session()
         self.http.trust_env = False     # no proxies or netrc from the environment
         self.http.headers.clear()       # no User-Agent, Accept, Connection of requests' own
         self.http.cookies.set_policy(NO_COOKIES)
-        self.http.mount("http://", AuthAdapter(AuthPool(host, port, budget=timeout)))
+        self.http.mount("http://", AuthAdapter(pool))
         # Every request is this one with its own headers, so it is prepared
         # once: merging the session's settings and parsing the URL again for
         # each login were over a quarter of an auth request's CPU.
-        self.template = self.http.prepare_request(requests.Request("GET", self.url))
+        self.template = self.http.prepare_request(requests.Request("GET", target))
 
     def headers_for(self, request):
         """The request headers in nginx's order (spec 2.2)."""
@@ -262,11 +276,14 @@ class DeadlineSocket(socket.socket):
 
     @classmethod
     def connected(cls, address, deadline):
-        """A socket connected to (host, port) by the deadline; each
-        address a host name gives is tried in turn."""
+        """A socket connected to a unix path or a (host, port) by the
+        deadline; each address a host name gives is tried in turn."""
+        if isinstance(address, str):
+            candidates = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, "", address)]
+        else:
+            candidates = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
         error = OSError(f"no address for {address}")
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
-                *address, type=socket.SOCK_STREAM):
+        for family, kind, proto, _, sockaddr in candidates:
             sock = cls(family, kind, proto)
             sock.arm(deadline)
             try:
@@ -275,7 +292,8 @@ class DeadlineSocket(socket.socket):
                 sock.close()
                 error = exc
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as urllib3 does
+            if family != socket.AF_UNIX:    # no Nagle delay, as urllib3 sets it
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         raise error
 
@@ -308,14 +326,15 @@ class DeadlineSocket(socket.socket):
 
 
 class AuthConnection(HTTPConnection):
-    """One connection to the auth service.  For each request urllib3
-    calls request(), which arms the
+    """One connection to the auth service, over TCP or, with `path`, a
+    unix socket.  For each request urllib3 calls request(), which arms the
     socket with the request's deadline (now + `budget`, auth_http_timeout),
     then getresponse(); the socket is opened (connect()) on the first
     request and again after a close."""
 
-    def __init__(self, host, port=None, *, budget, **kwargs):
+    def __init__(self, host, port=None, *, path=None, budget, **kwargs):
         super().__init__(host, port, **kwargs)
+        self.path = path
         self.budget = budget
         self.deadline = None
 
@@ -328,7 +347,7 @@ class AuthConnection(HTTPConnection):
     def connect(self):
         """Open the socket under the request's deadline; failures are
         raised as urllib3's own connect errors, as its connect() does."""
-        address = (self.host, self.port)
+        address = self.path or (self.host, self.port)
         try:
             self.sock = DeadlineSocket.connected(address, self.deadline)
         except TimeoutError as exc:
@@ -346,13 +365,13 @@ class AuthConnection(HTTPConnection):
 
 
 class AuthPool(HTTPConnectionPool):
-    """urllib3's connection pool, of AuthConnections; `budget` is passed
-    on to each (urllib3's conn_kw)."""
+    """urllib3's connection pool, of AuthConnections; `path` and `budget`
+    are passed on to each (urllib3's conn_kw)."""
 
     ConnectionCls = AuthConnection
 
-    def __init__(self, host, port, *, budget):
-        super().__init__(host, port, maxsize=POOL_SIZE, block=False, budget=budget)
+    def __init__(self, host, port=None, *, path=None, budget):
+        super().__init__(host, port, maxsize=POOL_SIZE, block=False, path=path, budget=budget)
 
 
 def _raw_headers(response):
