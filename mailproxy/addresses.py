@@ -120,18 +120,34 @@ def resolver(args):
 
 
 def auth_http_url(args):
-    """`[http://]host[:port][/uri]` or `unix:/path[:/uri]` -> (host, port, uri)."""
+    """`[http://]host[:port][/uri]` or `unix:/path[:/uri]` -> (host, port, uri);
+    a unix: address gives ("unix:/path", None, uri)."""
     url = args[0]
     if url.startswith("https://"):
         raise BadValue("https protocol is not supported")
-    if url.startswith("unix:"):
-        raise BadValue(f'unix: auth_http addresses are not implemented yet: "{url}"')
     rest = url[len("http://"):] if url.startswith("http://") else url
+    if rest.startswith(UNIX_PREFIX):
+        return _unix_auth_http(rest)
     hostport, slash, uri = rest.partition("/")
     host, port = split_host_port(hostport, default_port=80)
     if not host:
         raise BadValue(f'invalid URL "{url}"')
     return (host, port, "/" + uri if slash else "/")
+
+
+def _unix_auth_http(text):
+    """`unix:/path[:/uri]` as nginx's ngx_parse_unix_domain_url reads it:
+    the URI follows the first colon after the path (default "/").  nginx
+    would send a URI without its leading "/" as it is, in a request line no
+    HTTP server takes; here it is an error."""
+    path, _, uri = text[len(UNIX_PREFIX):].partition(":")
+    if not path:
+        raise BadValue(f'no path in the unix domain socket "{text}"')
+    if len(path.encode()) > MAX_UNIX_PATH:
+        raise BadValue(f'too long path in the unix domain socket "{text}"')
+    if uri and not uri.startswith("/"):
+        raise BadValue(f'invalid URI "{uri}" in "{text}"')
+    return (UNIX_PREFIX + path, None, uri or "/")
 
 
 def real_ip_from(args):

@@ -552,8 +552,8 @@ def test_resolver_addresses_are_accepted(tmp_path):
     assert load(tmp_path, lines).servers[0].resolver == ("127.0.0.1",)
 
 
-def test_only_unix_auth_http_is_still_later():
-    """Everything else once refused as "not implemented yet" has arrived."""
+def test_nothing_is_still_later():
+    """Everything once refused as "not implemented yet" has arrived."""
     assert [name for name, row in d.TABLE.items() if row.status == d.LATER] == []
 
 
@@ -562,11 +562,12 @@ def test_worker_processes_above_one_and_auto(tmp_path):
         assert load(tmp_path, conf(top=(text,))).worker_processes == expected
 
 
-def test_unix_auth_http_not_implemented_yet(tmp_path):
-    lines = conf(mail=("auth_http unix:/tmp/auth.sock;",))
-    message, path = error(tmp_path, lines)
-    assert message == 'unix: auth_http addresses are not implemented yet: ' \
-                      f'"unix:/tmp/auth.sock" in "auth_http" directive in {path}:2'
+def test_unix_auth_http(tmp_path):
+    assert server(tmp_path, *IMAP, mail=("auth_http unix:/tmp/auth.sock:/a;",)).auth_http == \
+        ("unix:/tmp/auth.sock", None, "/a")
+    message, path = error(tmp_path, conf(mail=("auth_http unix:;",)))
+    assert message == 'no path in the unix domain socket "unix:" in "auth_http" directive ' \
+                      f'in {path}:2'
 
 
 @pytest.mark.parametrize("text", [
