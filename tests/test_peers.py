@@ -258,10 +258,13 @@ def test_backend_records_expect_mismatch_and_closes():
 
 
 def test_backend_per_connection_script_reset_and_sleep_cut_by_close():
-    scripts = {0: [('send', b'first\r\n'), ('reset',)]}
+    # The reset waits for the client's line: an RST that overtakes unread
+    # bytes makes the kernel drop them, and recv() would see only the reset.
+    scripts = {0: [('send', b'first\r\n'), ('recv_line',), ('reset',)]}
     backend = fakes.ScriptedBackend(lambda index: scripts.get(index, [('sleep', 60)]))
     with socket.create_connection((backend.host, backend.port), timeout=5) as client:
         assert client.recv(16) == b'first\r\n'
+        client.sendall(b'read it\r\n')
         with pytest.raises(ConnectionResetError):
             client.recv(16)
     sleeper = connect_retrying(backend)
