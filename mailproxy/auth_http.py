@@ -3,7 +3,9 @@
 The proxy asks an HTTP service (the `auth_http` URL) with one GET whose
 headers carry the credentials (spec 2.2); the answer comes back as headers
 too (spec 2.3-2.4): `Auth-Status: OK` with `Auth-Server`/`Auth-Port`, or
-an error text for the client, or `WAIT`.
+an error text for the client, or `WAIT`.  As in nginx, a host name in the
+URL was resolved once, when the configuration loaded (addresses.py): the
+request goes to that address, and the Host header carries the name.
 
 Unlike nginx, which opens a new connection per attempt, one
 `requests.Session` per server keeps connections alive, through the
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 import requests
 import requests.adapters
 from urllib3.util import SKIP_HEADER, Retry
+
+from .addresses import AuthHttp
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
 MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
@@ -113,9 +117,10 @@ class AuthClient:
     """Asks one `auth_http` service; shared by every session of a server."""
 
     def __init__(self, url, timeout, headers=()):
-        host, port, uri = url
-        self.host = f"[{host}]" if ":" in host else host   # nginx sends Host without the port
-        self.url = f"http://{self.host}:{port}{uri}"
+        host, port, uri, address = AuthHttp(*url)
+        self.host = _bracketed(host)        # nginx sends Host without the port
+        # the address the name resolved to at load, as nginx connects to it
+        self.url = f"http://{_bracketed(address or host)}:{port}{uri}"
         self.timeout = timeout
         self.extra_headers = tuple(headers)
         self.http = requests.Session()
@@ -181,6 +186,10 @@ class AuthClient:
 
     def close(self):
         self.http.close()
+
+
+def _bracketed(host):
+    return f"[{host}]" if ":" in host else host
 
 
 def _raw_headers(response):
