@@ -24,6 +24,7 @@ COMMAND_LINE = "<command line>"
 # An include that includes itself (directly or not) would recurse for ever;
 # real configurations nest two or three deep.
 MAX_INCLUDE_DEPTH = 32
+WILDCARDS = "*?["       # nginx's ngx_conf_include: a name with one of these is a mask
 
 
 class ConfigError(Exception):
@@ -63,7 +64,7 @@ class Block:
         if self.depth >= MAX_INCLUDE_DEPTH:
             raise ConfigError(f"includes nested more than {MAX_INCLUDE_DEPTH} deep", where)
         path = os.path.join(self.conf_prefix, pattern)     # an absolute pattern stays
-        if glob.has_magic(path):
+        if any(char in path for char in WILDCARDS):
             paths = sorted(glob.glob(path))
         else:
             _check_readable(path, where)
