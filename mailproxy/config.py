@@ -249,8 +249,9 @@ def _build(path, prefix, levels):
 
 
 def _user(setting):
-    """`user name [group];` -> (name, group); the group defaults to the name's."""
-    if setting is None:
+    """`user name [group];` -> (name, group); the group defaults to the name's.
+    None when not set, or ignored (not root: see directives.user)."""
+    if setting is None or setting.value is None:
         return None
     name, group = (setting.value + (None,))[:2]
     for lookup, value in ((pwd.getpwnam, name), (grp.getgrnam, group)):

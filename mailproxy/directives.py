@@ -20,6 +20,7 @@ The table follows section 1 of the nginx mail reference
 
 import base64
 import ipaddress
+import os
 from dataclasses import dataclass
 
 from .addresses import (auth_http_url, listen, low_address_bits, real_ip_from, resolver,
@@ -95,6 +96,21 @@ def error_log(args):
     if level and severity and level != severity:
         raise BadValue(f'level "{level}" and "severity={severity}" disagree')
     return ((dest, level or severity or "error"),)
+
+
+USER_IGNORED = ('the "user" directive makes sense only if the master process runs with '
+                'super-user privileges, ignored')
+
+
+def user(args):
+    """`user name [group]` -> the words, or None: as nginx's ngx_set_user,
+    only a master running as root gives its rights away, so only then are
+    the names looked up (config.py) and used (server.drop_privileges)."""
+    return tuple(args) if os.geteuid() == 0 else None
+
+
+def user_ignored(args):
+    return None if os.geteuid() == 0 else USER_IGNORED
 
 
 def ignored(reason, unless=None):
@@ -224,7 +240,7 @@ _ROWS = [
     Directive("error_log", (MAIN, MAIL, SERVER), (1, 2), error_log, [["stderr", "error"]],
               repeat=True),
     Directive("pid", (MAIN,), (1, 1), single(str)),
-    Directive("user", (MAIN,), (1, 2), words),
+    Directive("user", (MAIN,), (1, 2), user, warn=user_ignored),
     Directive("worker_rlimit_nofile", (MAIN,), (1, 1), single(parse_positive)),
     Directive("shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"]),
     Directive("worker_shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"],

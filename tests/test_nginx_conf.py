@@ -274,10 +274,21 @@ def test_http_inside_mail_is_not_allowed(tmp_path):
     assert str(info.value) == f'"http" directive is not allowed here in {path}:4'
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives its rights away")
 def test_user_with_a_group_and_worker_processes_auto(tmp_path):
     path = write(tmp_path, mail(top="user nobody nogroup;\nworker_processes auto;"))
     config = configmod.load(str(path))
     assert (config.user, config.worker_processes) == (("nobody", "nogroup"), os.cpu_count())
+
+
+def test_user_is_ignored_with_nginx_s_warning_unless_root(tmp_path, monkeypatch):
+    """As ngx_set_user: not root, the names are not even looked up."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    path = write(tmp_path, mail(top="user no-such-user-here no-such-group;"))
+    config = configmod.load(str(path))
+    assert config.user is None
+    assert config.warnings == ('the "user" directive makes sense only if the master process '
+                               f"runs with super-user privileges, ignored in {path}:1",)
 
 
 # ------------------------------------------------------------- auth_http
