@@ -3,8 +3,9 @@
 One login, followed through the modules in the order it touches them:
 
     cli.py        `mailproxy -c mail.conf` reads the command line,
-    config.py     reads the nginx-syntax file (directives.py is the table;
-                  values.py and addresses.py parse the arguments),
+    config.py     reads the nginx-syntax file (conffile.py lexes it and
+                  follows include; directives.py is the table; values.py
+                  and addresses.py parse the arguments),
     server.py     opens one socketserver.ThreadingTCPServer-style listener
                   per `listen`, which starts a handler thread per
                   connection, which runs

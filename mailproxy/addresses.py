@@ -3,8 +3,9 @@ the syslog server of `error_log`, `auth_http`, `resolver` and
 `set_real_ip_from`.
 
 Where nginx resolves a host name at start-up (`listen`, the syslog server,
-`set_real_ip_from`), this module resolves it when the configuration loads,
-so a name that does not resolve fails `mailproxy -t` with its file:line.
+`auth_http`, `set_real_ip_from`), this module resolves it when the
+configuration loads, so a name that does not resolve fails `mailproxy -t`
+with its file:line.
 `listen` makes one frozen `Listen` per address, with its parameters (`ssl`,
 `proxy_protocol`, a `unix:` path, ...).
 """
@@ -13,9 +14,10 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from .values import (LEVELS, BadValue, parse_flag, parse_number, parse_positive, parse_size,
-                     parse_time)
+from .values import (LEVELS, BadDirective, BadValue, parse_flag, parse_number,
+                     parse_positive, parse_size, parse_time)
 
 DEFAULT_BACKLOG = 511       # nginx's NGX_LISTEN_BACKLOG on Linux
 UNIX_PREFIX = "unix:"
@@ -119,9 +121,19 @@ def resolver(args):
     return tuple(args)
 
 
+class AuthHttp(NamedTuple):
+    """Where the auth service is: `host` as written (nginx's Host header),
+    `port`, `uri`, and `address`, what the host resolved to at load (None:
+    connect to `host` as it is)."""
+    host: str
+    port: int
+    uri: str
+    address: str = None
+
+
 def auth_http_url(args):
-    """`[http://]host[:port][/uri]` or `unix:/path[:/uri]` -> (host, port, uri);
-    a unix: address gives ("unix:/path", None, uri)."""
+    """`[http://]host[:port][/uri]` or `unix:/path[:/uri]` -> an AuthHttp;
+    a unix: address gives AuthHttp("unix:/path", None, uri)."""
     url = args[0]
     if url.startswith("https://"):
         raise BadValue("https protocol is not supported")
@@ -132,7 +144,21 @@ def auth_http_url(args):
     host, port = split_host_port(hostport, default_port=80)
     if not host:
         raise BadValue(f'invalid URL "{url}"')
-    return (host, port, "/" + uri if slash else "/")
+    return AuthHttp(host, port, "/" + uri if slash else "/", _first_address(host, port, rest))
+
+
+def _first_address(host, port, text):
+    """nginx resolves the auth service's name once, at load, and uses the
+    first address, IPv4 ones before IPv6 ones (ngx_inet_resolve_host)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise BadDirective(f'host not found in auth_http "{text}"') from None
+    found = [sockaddr[0] for family in (socket.AF_INET, socket.AF_INET6)
+             for kind, _, _, _, sockaddr in infos if kind == family]
+    if not found:
+        raise BadDirective(f'host not found in auth_http "{text}"')
+    return found[0]
 
 
 def _unix_auth_http(text):
@@ -147,7 +173,7 @@ def _unix_auth_http(text):
         raise BadValue(f'too long path in the unix domain socket "{text}"')
     if uri and not uri.startswith("/"):
         raise BadValue(f'invalid URI "{uri}" in "{text}"')
-    return (UNIX_PREFIX + path, None, uri or "/")
+    return AuthHttp(UNIX_PREFIX + path, None, uri or "/")
 
 
 def real_ip_from(args):

@@ -3,7 +3,9 @@
 The proxy asks an HTTP service (the `auth_http` address) with one GET whose
 headers carry the credentials (spec 2.2); the answer comes back as headers
 too (spec 2.3-2.4): `Auth-Status: OK` with `Auth-Server`/`Auth-Port`, or
-an error text for the client, or `WAIT`.
+an error text for the client, or `WAIT`.  As in nginx, a host name in the
+URL was resolved once, when the configuration loaded (addresses.py): the
+request goes to that address, and the Host header carries the name.
 
 The transport, top down, uses requests and urllib3 only through their
 public classes and documented extension points:
@@ -74,7 +76,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import SKIP_HEADER, Retry
 
-from .addresses import UNIX_PREFIX
+from .addresses import UNIX_PREFIX, AuthHttp
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
 MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
@@ -160,11 +162,11 @@ def escape(value):
 
 class AuthClient:
     """Asks one `auth_http` service; shared by every session of a server.
-    `url` is the directive's value: (host, port, uri), or for a unix
-    socket ("unix:/path", None, uri)."""
+    `url` is the directive's value, an addresses.AuthHttp: (host, port,
+    uri, address), or for a unix socket ("unix:/path", None, uri)."""
 
     def __init__(self, url, timeout, headers=()):
-        host, port, uri = url
+        host, port, uri, address = AuthHttp(*url)
         self.timeout = timeout
         self.extra_headers = tuple(headers)
         if host.startswith(UNIX_PREFIX):
@@ -173,9 +175,10 @@ class AuthClient:
             target = f"http://{UNIX_HOST}{uri}"
             pool = AuthPool(UNIX_HOST, path=host[len(UNIX_PREFIX):], budget=timeout)
         else:
-            self.host = f"[{host}]" if ":" in host else host   # nginx sends Host without the port
-            self.url = target = f"http://{self.host}:{port}{uri}"
-            pool = AuthPool(host, port, budget=timeout)
+            self.host = _bracketed(host)        # nginx sends Host without the port
+            # nginx connects to the address the name resolved to at load
+            self.url = target = f"http://{_bracketed(address or host)}:{port}{uri}"
+            pool = AuthPool(address or host, port, budget=timeout)
         self.http = requests.Session()
         self.http.trust_env = False     # no proxies or netrc from the environment
         self.http.headers.clear()       # no User-Agent, Accept, Connection of requests' own
@@ -462,3 +465,7 @@ def _reason(exc):
         exc = reason if isinstance(reason, BaseException) else \
             inner or exc.__cause__ or exc.__context__
     return "connection failed"
+
+
+def _bracketed(host):
+    return f"[{host}]" if ":" in host else host

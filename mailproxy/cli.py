@@ -56,7 +56,9 @@ def _load(path, prefix, directives, trace=False):
 @click.option("-t", "test", is_flag=True, help="Test the configuration and exit.")
 @click.option("-T", "dump", is_flag=True,
               help="Test the configuration, print the effective settings, and exit.")
-@click.option("-p", "prefix", metavar="PREFIX", help="Prefix for relative paths.")
+@click.option("-p", "prefix", metavar="PREFIX",
+              help="Prefix for relative pid and log paths (default: the configuration "
+                   "file's folder).")
 @click.option("-g", "directives", metavar="DIRECTIVES",
               help="Extra top-level directives, e.g. 'pid /run/mailproxy.pid;'.")
 @click.option("-s", "signal_name", type=click.Choice(sorted(SIGNALS)),
@@ -71,15 +73,12 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build,
     """An IMAP, POP3 and SMTP proxy configured like nginx's mail module."""
     if ctx.invoked_subcommand:
         return
-    if version or build:
-        click.echo(f"mailproxy version: mailproxy/{__version__} ({NGINX_COMPAT})", err=True)
-        if build:
-            click.echo(f"built with Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}",
-                       err=True)
-        if not (test or dump):
-            return
     path = os.path.abspath(conf if os.path.isabs(conf) or not prefix
                            else os.path.join(prefix, conf))
+    if version or build:
+        _show_version(path, prefix, build)
+        if not (test or dump):
+            return
     config = _load(path, prefix, directives, trace)
     if test or dump:
         ctx.exit(_report_test(config, path, dump))
@@ -90,6 +89,21 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build,
     if config.worker_processes > 1:
         ctx.exit(master.Master(config, lambda: _read(path, prefix, directives, trace)).run())
     ctx.exit(server.run(config))
+
+
+def _show_version(path, prefix, build):
+    """-v, and with -V the build and the two prefixes: mailproxy has no
+    compiled-in prefix, so both follow the configuration file."""
+    click.echo(f"mailproxy version: mailproxy/{__version__} ({NGINX_COMPAT})", err=True)
+    if not build:
+        return
+    folder = os.path.join(os.path.dirname(path), "")
+    click.echo(f"built with Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}", err=True)
+    click.echo(f"configuration file: {path}", err=True)
+    click.echo(f"conf prefix: {folder} (included and TLS files; the configuration "
+               "file's folder)", err=True)
+    click.echo(f"prefix: {os.path.join(os.path.abspath(prefix), '') if prefix else folder} "
+               "(pid and log files; -p, else the configuration file's folder)", err=True)
 
 
 def _report_test(config, path, dump):

@@ -1,11 +1,19 @@
 """Reading an nginx-syntax configuration into frozen settings objects.
 
-crossplane (nginx's own Python parser) does the lexing and follows
-`include`; this module walks the directives it returns, checks each against
-the table in `directives.py` (name, context, argument count, value), and
-builds one `ServerConfig` per `server {}` with every mail setting filled in:
-the server's own value, else the `mail {}` value, else the default.  Lists
-(capabilities, `auth_http_header`, ...) are replaced as a whole, never merged.
+conffile.py reads the text (crossplane lexes it; `include` is followed
+against the configuration's folder); this module walks the directives,
+checks each against the table in `directives.py` (name, context, argument
+count, value), and builds one `ServerConfig` per `server {}` with every
+mail setting filled in: the server's own value, else the `mail {}` value,
+else the default.  Lists (capabilities, `auth_http_header`, ...) are
+replaced as a whole, never merged.
+
+Paths follow nginx's two prefixes.  Files read with the configuration (the
+TLS certificates, keys and the other `directives.CONF_FILES`, and
+`include`) are taken from the configuration file's folder, nginx's conf
+prefix; `pid` and log files from the prefix, `-p`, which defaults to that
+same folder (mailproxy has no compiled-in prefix).  So `mailproxy -t` gives
+the same answer from any working directory.
 
 Every mistake is a `ConfigError` naming file:line in nginx's words, e.g.
 `unknown directive "foo" in /etc/mailproxy/mail.conf:12`, and nothing starts.
@@ -15,33 +23,17 @@ import grp
 import os
 import pwd
 import socket
-import tempfile
 from dataclasses import dataclass, replace
 
-import crossplane
-
+from . import conffile
 from . import directives as d
 from . import tls
-from .values import BadValue
+from .conffile import COMMAND_LINE, ConfigError, Where
+from .values import BadDirective, BadValue
 
-
-class ConfigError(Exception):
-    """A configuration mistake; str() is the nginx-style message."""
-
-    def __init__(self, message, where=None):
-        super().__init__(f"{message} in {where}" if where else message)
-
-
-@dataclass(frozen=True)
-class Where:
-    file: str
-    line: int
-
-    def __str__(self):
-        return "command line" if self.file == COMMAND_LINE else f"{self.file}:{self.line}"
-
-
-COMMAND_LINE = "<command line>"
+SKIPPED_BLOCK = 'the "{}" block is skipped: mailproxy serves only "mail {{}}"'
+# Certificate and key values that name no file, as nginx reads them.
+NOT_FILES = ("data:", "engine:")
 
 
 @dataclass(frozen=True)
@@ -55,22 +47,29 @@ class Setting:
 class Level:
     """The directives set directly in one block (main, events, mail, server)."""
 
-    def __init__(self, context, where=None):
+    def __init__(self, context, where=None, warnings=None):
         self.context = context
         self.where = where
         self.settings = {}
-        self.warnings = []      # nginx's [warn] lines: "text in file:line"
+        # nginx's [warn] lines, "text in file:line": one list for the whole
+        # file, shared by its levels, so they come out in the file's order
+        self.warnings = [] if warnings is None else warnings
+
+    def warn(self, text, where):
+        self.warnings.append(f"{text} in {where}")
 
     def set(self, row, args, where):
         try:
             value = row.parse(args) if row.parse else None
+        except BadDirective as exc:
+            raise ConfigError(str(exc), where) from None
         except BadValue as exc:
             raise ConfigError(f'{exc} in "{row.name}" directive', where) from None
         if row.name == "listen":
             value = tuple(replace(entry, where=str(where)) for entry in value)
         warning = row.warn(args) if row.warn else None
         if warning:
-            self.warnings.append(f"{warning} in {where}")
+            self.warn(warning, where)
         old = self.settings.get(row.name)
         if row.repeat and old:
             value, args = old.value + value, old.args + (tuple(args),)
@@ -114,21 +113,29 @@ class Config:
     status_listen: object = None    # a Listen entry for the status endpoint, or None
     warnings: tuple = ()            # "text in file:line", for the CLI to print as [warn]
 
+    @property
+    def conf_prefix(self):
+        """nginx's conf prefix: the configuration file's folder, where
+        included and TLS files are read from."""
+        return os.path.dirname(self.path)
+
     def resolve(self, path):
-        """A path from the file, made absolute against the prefix (-p)."""
+        """A pid or log path from the file, made absolute against the prefix."""
         if path in ("stderr",) or os.path.isabs(path):
             return path
         return os.path.join(self.prefix, path)
 
 
 def load(path, prefix=None, extra=None):
-    """Read `path` (and `extra`, the -g directives); return a Config."""
+    """Read `path` (and `extra`, the -g directives); return a Config.
+    `prefix` (-p) defaults to the configuration file's folder."""
     path = os.path.abspath(path)
-    prefix = os.path.abspath(prefix or os.getcwd())
+    conf_prefix = os.path.dirname(path)
+    prefix = os.path.abspath(prefix) if prefix else conf_prefix
     levels = {d.MAIN: Level(d.MAIN), "mail": None, "servers": []}
     if extra:
-        _walk(_parse_text(extra), levels[d.MAIN], levels)
-    _walk(_parse_file(path), levels[d.MAIN], levels)
+        _walk(conffile.read_text(extra, conf_prefix), levels[d.MAIN], levels)
+    _walk(conffile.read(path, conf_prefix), levels[d.MAIN], levels)
     return _build(path, prefix, levels)
 
 
@@ -142,104 +149,23 @@ def override(config, name, args):
     return replace(config, servers=servers)
 
 
-# ----------------------------------------------------------------- reading
+# ----------------------------------------------------------------- walking
 
-def _parse_file(path):
-    """crossplane's payload for `path`, includes followed; lexing errors raised."""
-    payload = crossplane.parse(path, catch_errors=False, check_ctx=False, check_args=False,
-                               strict=False, comments=False, onerror=lambda exc: exc)
-    for error in payload["errors"]:     # crossplane records, not raises, the first one
-        exc = error["callback"]
-        if isinstance(exc, crossplane.errors.NgxParserBaseException):
-            raise ConfigError(exc.strerror, Where(exc.filename, exc.lineno))
-        if isinstance(exc, StopIteration):  # crossplane's lexer ran out inside a directive
-            raise ConfigError('unexpected end of file, expecting ";" or "}"',
-                              Where(error["file"], _line_count(error["file"])))
-        where = Where(error["file"], error["line"]) if error["line"] else None
-        if isinstance(exc, OSError):
-            raise ConfigError(f'open() "{exc.filename}" failed ({exc.errno}: {exc.strerror})',
-                              where)
-        raise ConfigError(error["error"], where)
-    for entry in payload["config"]:
-        _check_terminators(entry["file"])
-    return _Files(payload["config"], 0)
-
-
-def _check_terminators(path):
-    """crossplane takes `name args }` as a whole directive; nginx says
-    `unexpected "}"`, and so do we."""
-    previous = None
-    for token, line, quoted in crossplane.lex(path):
-        if token.startswith("#") and not quoted:
-            continue                            # a comment
-        if token == "}" and not quoted and previous is not None and \
-                (previous[1] or previous[0] not in (";", "{", "}")):
-            raise ConfigError('unexpected "}"', Where(path, line))
-        previous = (token, quoted)
-
-
-def _line_count(path):
-    """The number of the file's last line, where nginx reports an
-    unexpected end of file."""
-    with open(path, "rb") as file:
-        return file.read().count(b"\n") + 1
-
-
-def _parse_text(text):
-    """The -g string, parsed as if it were a file of its own."""
-    with tempfile.NamedTemporaryFile("w", suffix=".conf") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        files = _parse_file(tmp.name)
-    for entry in files.configs:
-        entry["file"] = COMMAND_LINE
-    return files
-
-
-class _Files:
-    """A cursor over crossplane's list of files: one file's directives."""
-
-    def __init__(self, configs, index):
-        self.configs, self.index = configs, index
-
-    @property
-    def file(self):
-        return self.configs[self.index]["file"]
-
-    def entries(self):
-        for entry in self.configs[self.index]["parsed"]:
-            yield entry, Where(self.file, entry["line"])
-
-    def included(self, index):
-        return _Files(self.configs, index)
-
-
-def _walk(files, level, levels):
+def _walk(block, level, levels):
     """Check each directive of one block and record it on `level`."""
-    for entry, where in files.entries():
+    for entry, where in block:
         name, args = entry["directive"], entry["args"]
-        if name == "include":
-            for index in entry.get("includes", ()):
-                _walk(files.included(index), level, levels)
-            continue
         row = _check(name, args, "block" in entry, level.context, where)
-        if row.block:
-            _walk(_Block(files, entry["block"]), _open_block(row, where, level, levels),
-                  levels)
+        if name == "include":
+            for included in block.include(args[0], where):
+                _walk(included, level, levels)
+        elif row.status == d.SKIPPED:
+            _open_block(row, where, level, levels)      # a second one is still a duplicate
+            level.warn(SKIPPED_BLOCK.format(name), where)
+        elif row.block:
+            _walk(block.inside(entry), _open_block(row, where, level, levels), levels)
         else:
             level.set(row, args, where)
-
-
-class _Block(_Files):
-    """The directives inside a block, in the same file as the block."""
-
-    def __init__(self, files, block):
-        super().__init__(files.configs, files.index)
-        self.block = block
-
-    def entries(self):
-        for entry in self.block:
-            yield entry, Where(self.file, entry["line"])
 
 
 def _check(name, args, has_block, context, where):
@@ -262,13 +188,13 @@ def _check(name, args, has_block, context, where):
 def _open_block(row, where, parent, levels):
     """The Level that the block's directives go into."""
     if row.name == "server":
-        level = Level(d.SERVER, where)
+        level = Level(d.SERVER, where, parent.warnings)
         levels["servers"].append(level)
         return level
     if row.name in parent.settings:
         raise ConfigError(f'"{row.name}" directive is duplicate', where)
     parent.settings[row.name] = Setting(None, (), where)
-    level = Level(row.name, where)
+    level = Level(row.name, where, parent.warnings)
     levels[row.name] = level
     return level
 
@@ -302,7 +228,8 @@ def _build(path, prefix, levels):
     if not levels["servers"]:
         raise ConfigError('no "server" block is defined', mail.where)
     _refuse_later(main, mail, levels.get("events"), *levels["servers"])
-    servers = tuple(_server(level, mail, main) for level in levels["servers"])
+    servers = tuple(_server(level, mail, main, os.path.dirname(path))
+                    for level in levels["servers"])
     _check_duplicate_listens(servers)
     workers = _effective("worker_processes", main).value
     if workers == "auto":
@@ -318,13 +245,13 @@ def _build(path, prefix, levels):
         rlimit_nofile=_effective("worker_rlimit_nofile", main).value,
         shutdown_timeout=shutdown.value,
         status_listen=_effective("status_listen", main).value,
-        warnings=tuple(warning for level in (main, mail, *levels["servers"])
-                       for warning in level.warnings))
+        warnings=tuple(main.warnings))
 
 
 def _user(setting):
-    """`user name [group];` -> (name, group); the group defaults to the name's."""
-    if setting is None:
+    """`user name [group];` -> (name, group); the group defaults to the name's.
+    None when not set, or ignored (not root: see directives.user)."""
+    if setting is None or setting.value is None:
         return None
     name, group = (setting.value + (None,))[:2]
     for lookup, value in ((pwd.getpwnam, name), (grp.getgrnam, group)):
@@ -336,11 +263,14 @@ def _user(setting):
     return (name, group)
 
 
-def _server(level, mail, main):
+def _server(level, mail, main, conf_prefix):
     settings = {}
     for row in d.TABLE.values():
-        if d.SERVER in row.contexts and not row.block and row.name not in ("listen", "protocol"):
+        if d.SERVER in row.contexts and not row.block and \
+                row.name not in ("listen", "protocol", "include"):
             settings[row.name] = _effective(row.name, level, mail, main)
+    for name in d.CONF_FILES:
+        settings[name] = _in_folder(settings[name], conf_prefix)
     if settings["server_name"].value is None:
         settings["server_name"] = Setting(socket.gethostname(), ())
     listens = _effective("listen", level)
@@ -353,6 +283,18 @@ def _server(level, mail, main):
     server = ServerConfig(settings, listens, protocol, level.where)
     _check_tls(server)
     return server
+
+
+def _in_folder(setting, folder):
+    """A file setting with its relative names taken from `folder`, in the
+    value and in the arguments (so -T prints the files that are read)."""
+    def under(value):
+        if isinstance(value, tuple):
+            return tuple(under(item) for item in value)
+        if value is None or value.startswith(NOT_FILES):
+            return value
+        return os.path.join(folder, value)      # an absolute name stays as it is
+    return replace(setting, value=under(setting.value), args=under(setting.args))
 
 
 def _check_tls(server):
@@ -446,6 +388,8 @@ def _check_duplicate_listens(servers):
 def dump(config):
     """The effective configuration in nginx syntax, defaults filled in (-T)."""
     lines = [f"# effective configuration of {config.path}",
+             f"# conf prefix {os.path.join(config.conf_prefix, '')} (included and TLS files), "
+             f"prefix {os.path.join(config.prefix, '')} (pid and log files)",
              f"worker_processes {config.worker_processes};"]
     lines += [f"error_log {dest} {level};" for dest, level in config.error_logs]
     if config.pid:

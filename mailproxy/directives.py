@@ -20,6 +20,7 @@ The table follows section 1 of the nginx mail reference
 
 import base64
 import ipaddress
+import os
 from dataclasses import dataclass
 
 from .addresses import (auth_http_url, listen, low_address_bits, real_ip_from, resolver,
@@ -32,7 +33,11 @@ from .values import (LEVELS, BadValue, item, methods, one_of, pair, parse_flag, 
 # that uses them is refused with a clear error until the feature exists.
 # "gap" directives are nginx behaviour Python's ssl module cannot express:
 # only their default is accepted, and docs/directives.md says why.
-READY, NOOP, LATER, GAP = "ready", "noop", "later", "gap"
+# "ignored" are nginx core directives with no meaning in mailproxy: checked,
+# then passed over with a [warn] (see `ignored`).  "skipped" blocks
+# (`http {}`, `stream {}`) are lexed and passed over with a [warn].
+READY, NOOP, LATER, GAP, IGNORED, SKIPPED = "ready", "noop", "later", "gap", "ignored", \
+    "skipped"
 
 PROTOCOLS = ("imap", "pop3", "smtp")
 PROTOCOLS_READY = ("imap", "pop3", "smtp")
@@ -93,6 +98,35 @@ def error_log(args):
     return ((dest, level or severity or "error"),)
 
 
+USER_IGNORED = ('the "user" directive makes sense only if the master process runs with '
+                'super-user privileges, ignored')
+
+
+def user(args):
+    """`user name [group]` -> the words, or None: as nginx's ngx_set_user,
+    only a master running as root gives its rights away, so only then are
+    the names looked up (config.py) and used (server.drop_privileges)."""
+    return tuple(args) if os.geteuid() == 0 else None
+
+
+def user_ignored(args):
+    return None if os.geteuid() == 0 else USER_IGNORED
+
+
+def ignored(reason, unless=None):
+    """The `warn` of a directive mailproxy accepts without effect: nginx's
+    [warn] line, or none when the arguments are `unless`, which restates
+    what mailproxy does anyway (`daemon off;`)."""
+    def warn(args):
+        return None if args == unless else reason
+    return warn
+
+
+def whole(args):
+    """A repeatable directive's occurrence, kept as written."""
+    return (tuple(args),)
+
+
 def trace(args):
     """`trace off|on|CIDR...|login:NAME...` -> None (off) or a trace.Rule:
     every session, or those from the networks or with the logins listed."""
@@ -139,6 +173,66 @@ class Directive:
 
 MAIN, EVENTS, MAIL, SERVER = "main", "events", "mail", "server"
 M_S = (MAIL, SERVER)
+ANYWHERE = (MAIN, EVENTS, MAIL, SERVER)
+
+_FOREGROUND = "mailproxy always runs in the foreground"
+_NO_ACCEPT_LOCK = "each mailproxy worker's threads block in accept()"
+# nginx core and events directives that have no meaning here (spec: nginx's
+# core module); each line that uses one gets one [warn] at -t and at start.
+_CORE_IGNORED = [
+    Directive("daemon", (MAIN,), (1, 1), single(parse_flag), status=IGNORED,
+              warn=ignored(f'the "daemon" directive is ignored: {_FOREGROUND}', ["off"])),
+    Directive("master_process", (MAIN,), (1, 1), single(parse_flag), status=IGNORED,
+              warn=ignored('the "master_process" directive is ignored: a master process '
+                           'runs when worker_processes is 2 or more', ["on"])),
+    Directive("pcre_jit", (MAIN,), (1, 1), single(parse_flag), status=IGNORED,
+              warn=ignored('the "pcre_jit" directive is ignored: mailproxy matches no '
+                           'regular expressions')),
+    Directive("load_module", (MAIN,), (1, 1), whole, repeat=True, status=IGNORED,
+              warn=ignored('the "load_module" directive is ignored: the mail modules are '
+                           'built into mailproxy')),
+    Directive("env", (MAIN,), (1, 1), whole, repeat=True, status=IGNORED,
+              warn=ignored('the "env" directive is ignored: mailproxy\'s workers keep the '
+                           'whole environment')),
+    Directive("thread_pool", (MAIN,), (2, 3), whole, repeat=True, status=IGNORED,
+              warn=ignored('the "thread_pool" directive is ignored: each mailproxy session '
+                           'has its own thread')),
+    Directive("worker_cpu_affinity", (MAIN,), (1, None), words, status=IGNORED,
+              warn=ignored('the "worker_cpu_affinity" directive is ignored: the kernel '
+                           'places mailproxy\'s workers')),
+    Directive("worker_priority", (MAIN,), (1, 1), single(str), status=IGNORED,
+              warn=ignored('the "worker_priority" directive is ignored: set the '
+                           'priority with nice or systemd\'s Nice=')),
+    Directive("worker_rlimit_core", (MAIN,), (1, 1), single(parse_size), status=IGNORED,
+              warn=ignored('the "worker_rlimit_core" directive is ignored: set the '
+                           'limit with ulimit -c or systemd\'s LimitCORE=')),
+    Directive("working_directory", (MAIN,), (1, 1), single(str), status=IGNORED,
+              warn=ignored('the "working_directory" directive is ignored: mailproxy '
+                           'stays in the directory it was started in')),
+    Directive("timer_resolution", (MAIN,), (1, 1), single(parse_time), status=IGNORED,
+              warn=ignored('the "timer_resolution" directive is ignored: mailproxy '
+                           'reads the clock when it needs it')),
+    Directive("lock_file", (MAIN,), (1, 1), single(str), status=IGNORED,
+              warn=ignored(f'the "lock_file" directive is ignored: {_NO_ACCEPT_LOCK}')),
+    Directive("use", (EVENTS,), (1, 1), single(str), status=IGNORED,
+              warn=ignored('the "use" directive is ignored: mailproxy has one blocking '
+                           'thread per session, no event method')),
+    Directive("multi_accept", (EVENTS,), (1, 1), single(parse_flag), status=IGNORED,
+              warn=ignored(f'the "multi_accept" directive is ignored: {_NO_ACCEPT_LOCK}',
+                           ["off"])),
+    Directive("accept_mutex", (EVENTS,), (1, 1), single(parse_flag), status=IGNORED,
+              warn=ignored(f'the "accept_mutex" directive is ignored: {_NO_ACCEPT_LOCK}',
+                           ["off"])),
+    Directive("accept_mutex_delay", (EVENTS,), (1, 1), single(parse_time), status=IGNORED,
+              warn=ignored(f'the "accept_mutex_delay" directive is ignored: '
+                           f'{_NO_ACCEPT_LOCK}')),
+    Directive("worker_aio_requests", (EVENTS,), (1, 1), single(parse_positive),
+              status=IGNORED, warn=ignored('the "worker_aio_requests" directive is '
+                                           'ignored: mailproxy does no asynchronous I/O')),
+    Directive("debug_connection", (EVENTS,), (1, 1), whole, repeat=True, status=IGNORED,
+              warn=ignored('the "debug_connection" directive is ignored: use '
+                           'error_log ... debug')),
+]
 
 _ROWS = [
     # top level (nginx core)
@@ -146,16 +240,20 @@ _ROWS = [
     Directive("error_log", (MAIN, MAIL, SERVER), (1, 2), error_log, [["stderr", "error"]],
               repeat=True),
     Directive("pid", (MAIN,), (1, 1), single(str)),
-    Directive("user", (MAIN,), (1, 2), words),
+    Directive("user", (MAIN,), (1, 2), user, warn=user_ignored),
     Directive("worker_rlimit_nofile", (MAIN,), (1, 1), single(parse_positive)),
     Directive("shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"]),
     Directive("worker_shutdown_timeout", (MAIN,), (1, 1), single(parse_time), ["0"],
               note="nginx's name for shutdown_timeout"),
     Directive("status_listen", (MAIN,), (1, 1), status_listen, ["off"],
               note="beyond nginx: the status endpoint (ops/status.py)"),
+    Directive("include", ANYWHERE, (1, 1), single(str), note="followed by conffile.py"),
     Directive("events", (MAIN,), (0, 0), block=True),
     Directive("worker_connections", (EVENTS,), (1, 1), single(parse_positive), ["512"]),
     Directive("mail", (MAIN,), (0, 0), block=True),
+    Directive("http", (MAIN,), (0, 0), block=True, status=SKIPPED),
+    Directive("stream", (MAIN,), (0, 0), block=True, status=SKIPPED),
+    *_CORE_IGNORED,
     Directive("server", (MAIL,), (0, 0), block=True),
     # ngx_mail_core_module
     Directive("listen", (SERVER,), (1, None), listen, repeat=True),
@@ -249,6 +347,14 @@ _ROWS = [
 ]
 
 TABLE = {row.name: row for row in _ROWS}
+
+# Files read with the configuration: as nginx does, a relative name is taken
+# from the configuration file's folder (its conf prefix), not from the
+# prefix (-p) that pid and log files use, nor from the working directory.
+CONF_FILES = ("ssl_certificate", "ssl_certificate_key", "ssl_password_file", "ssl_dhparam",
+              "ssl_client_certificate", "ssl_trusted_certificate", "ssl_crl",
+              "ssl_session_ticket_key", "proxy_ssl_trusted_certificate",
+              "proxy_ssl_certificate", "proxy_ssl_certificate_key")
 
 # Names nginx once had, with the reason they are refused.
 REMOVED = {

@@ -25,6 +25,11 @@ class BadValue(ValueError):
     """An argument that does not parse; config.py adds the file:line."""
 
 
+class BadDirective(BadValue):
+    """A BadValue whose text already names its directive, as nginx words
+    it (`host not found in auth_http "..."`): config.py adds only file:line."""
+
+
 # ---------------------------------------------------------------- values
 
 def parse_time(text):

@@ -48,8 +48,22 @@ class RunningProxy:
                 f"mail {{\n{textwrap.indent(mail.strip(), '    ')}\n{blocks}}}\n")
         self.conf_path = tmp_path / "mail.conf"
         self.conf_path.write_text(text)
-        self.config = configmod.load(str(self.conf_path), prefix=str(tmp_path))
-        self.worker = Worker(self.config)
+        self._serve(configmod.load(str(self.conf_path), prefix=str(tmp_path)))
+
+    @classmethod
+    def from_file(cls, conf_path, log_path=None):
+        """mailproxy serving a configuration file as it is, as `mailproxy -c
+        conf_path` would: no -p, so the prefix is the file's folder.  Its
+        listeners are in `config.servers`; `log()` reads `log_path`."""
+        proxy = cls.__new__(cls)
+        proxy.conf_path, proxy.log_path = conf_path, log_path
+        proxy._serve(configmod.load(str(conf_path)))
+        proxy.ports = [server.listens[0].port for server in proxy.config.servers]
+        return proxy
+
+    def _serve(self, config):
+        self.config = config
+        self.worker = Worker(config)
         self.worker.open()
         self.thread = threading.Thread(target=self.worker.serve, name="test proxy")
         self.thread.start()
@@ -62,7 +76,9 @@ class RunningProxy:
         return Client(self.ports[index])
 
     def log(self):
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
 
     def wait_log(self, text, timeout=5):
         """Wait until `text` appears in the error log (bounded)."""

@@ -21,7 +21,7 @@ import pytest
 
 from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedBackend
 from harness import Client, RunningProxy, wait_until
-from mailproxy.addresses import auth_http_url
+from mailproxy.addresses import AuthHttp, auth_http_url
 from mailproxy.auth_http import (UNIX_HOST, AuthClient, AuthReply, AuthRequest,
                                  AuthServiceError, escape, parse_reply)
 from mailproxy.imap import INTERNAL_ERROR
@@ -678,7 +678,7 @@ def socket_dir():
 ])
 def test_unix_address_forms(text, expected):
     """nginx's syntax: the URI follows the colon after the path."""
-    assert auth_http_url([text]) == expected
+    assert auth_http_url([text]) == AuthHttp(*expected)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -187,11 +187,27 @@ def test_version():
 
 
 def test_version_and_build_details():
+    """No compiled-in prefix: -V names the configuration file's folder."""
     result = run("-V")
     assert result.exit_code == 0
     version = sys.version.split()[0]
-    assert said(result) == [f"mailproxy version: mailproxy/{__version__} ({NGINX_COMPAT})",
-                            f"built with Python {version}, {ssl.OPENSSL_VERSION}"]
+    assert said(result) == [
+        f"mailproxy version: mailproxy/{__version__} ({NGINX_COMPAT})",
+        f"built with Python {version}, {ssl.OPENSSL_VERSION}",
+        "configuration file: /etc/mailproxy/mail.conf",
+        "conf prefix: /etc/mailproxy/ (included and TLS files; the configuration file's "
+        "folder)",
+        "prefix: /etc/mailproxy/ (pid and log files; -p, else the configuration file's folder)"]
+
+
+def test_build_details_name_the_prefixes_of_the_file_given(tmp_path):
+    result = run("-V", "-p", str(tmp_path / "run"), "-c", str(tmp_path / "conf" / "x.conf"))
+    assert said(result)[2:] == [
+        f"configuration file: {tmp_path}/conf/x.conf",
+        f"conf prefix: {tmp_path}/conf/ (included and TLS files; the configuration file's "
+        "folder)",
+        f"prefix: {tmp_path}/run/ (pid and log files; -p, else the configuration file's "
+        "folder)"]
 
 
 def test_version_with_test_still_tests(tmp_path):

@@ -168,6 +168,16 @@ def test_reload_with_a_broken_config_keeps_the_old_one(master):
     assert capability(master.port) == b"* CAPABILITY IMAP4rev1 FIRST AUTH=PLAIN\r\n"
 
 
+def test_reload_logs_the_warnings_of_the_new_config(master):
+    """nginx logs a reloaded file's [warn] lines; so does the master."""
+    master.conf.write_text("pcre_jit on;\n" + master.conf.read_text())
+    master.signal(signal.SIGHUP)
+    warning = ': the "pcre_jit" directive is ignored: mailproxy matches no regular ' \
+              f"expressions in {master.conf}:1"
+    assert wait_until(lambda: any("[warn]" in line and line.endswith(warning)
+                                  for line in master.log().splitlines())), master.log()
+
+
 def test_graceful_quit_waits_for_the_open_session(master):
     client = logged_in(master.port)
     master.signal(signal.SIGQUIT)

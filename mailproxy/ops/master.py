@@ -228,6 +228,8 @@ class Master:
         self.config, self.sockets = config, sockets
         self.destinations.close()
         self.destinations, self.log, _ = logmod.setup(config)
+        for warning in config.warnings:     # the [warn] lines -t prints
+            self.log.warning("%s", warning)
         if config.status_listen != old.status_listen:
             self.stop_status()
             self.status_socket = status_socket if config.status_listen else None
