@@ -96,7 +96,8 @@ TIMED_OUT = "timed out"
 NO_RETRY = Retry(total=0, connect=0, read=False, redirect=False, status=0, other=0)
 NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])   # as nginx, none kept
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_ESCAPED = frozenset(range(0x21)) | {0x25}     # control bytes, space and "%"
+_ESCAPED = frozenset(range(0x21)) | {0x25, 0x7F}     # control bytes, space, "%" and DEL
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # in a reply's value: invalid (HTAB is not)
 
 
 class AuthServiceError(Exception):
@@ -154,8 +155,8 @@ class AuthReply:
 
 
 def escape(value):
-    """Auth-User/Auth-Pass escaping (spec 2.2): control bytes, space and "%"
-    become %XX; everything else, UTF-8 included, passes raw.  The result is
+    """Auth-User/Auth-Pass escaping (spec 2.2): control bytes (DEL too),
+    space and "%" become %XX, as nginx's NGX_ESCAPE_MAIL_AUTH; everything else, UTF-8 included, passes raw.  The result is
     a str holding those bytes one-to-one (latin-1), as http.client sends it."""
     return "".join(f"%{byte:02X}" if byte in _ESCAPED else chr(byte) for byte in value)
 
@@ -402,15 +403,26 @@ def _finish(response):
 
 
 def parse_reply(headers):
-    """(name, value) pairs -> AuthReply, or AuthServiceError (spec 2.3-2.5)."""
+    """(name, value) pairs -> AuthReply, or AuthServiceError (spec 2.3-2.5).
+
+    Stricter than nginx (issue 16): an Auth-* header that comes twice, or
+    holds a control byte, makes the reply invalid, and so does a reply
+    with no Auth-Status.  Python's header parser takes a bare CR for a line
+    end and joins folded lines, so a login that an auth service reflects
+    into a header could otherwise add or override one (say Auth-Port), and
+    a status text could carry a line break to the client or the log."""
     values = {}
     for name, value in headers:
         key = name.lower()
-        value = value.strip(" ")
-        if key == "auth-status" and key in values and value in ("OK", "WAIT"):
-            continue                # the last error text wins over OK/WAIT
-        values[key] = value
-    status = values.get("auth-status", "OK")
+        if key.startswith("auth-"):
+            if key in values:
+                raise AuthServiceError(f'auth http server sent "{name}" twice')
+            if _CONTROL.search(value):
+                raise AuthServiceError(f'auth http server sent a control byte in "{name}"')
+        values[key] = value.strip(" ")
+    status = values.get("auth-status")
+    if status is None:
+        raise AuthServiceError("auth http server sent no Auth-Status")
     server = port = None
     if status == "OK":
         server, port = values.get("auth-server"), values.get("auth-port")
@@ -425,7 +437,11 @@ def parse_reply(headers):
 
 
 def _server(text):
+    """An IP literal, as nginx's parser takes it: no name, and no IPv6
+    zone (`fe80::1%eth0`), which nginx cannot parse either."""
     try:
+        if "%" in text:
+            raise ValueError(text)
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise AuthServiceError(f'auth http server sent invalid server address:"{text}"') \
