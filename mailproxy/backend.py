@@ -16,24 +16,28 @@ protocol's internal-error line.
 """
 
 import base64
+import logging
 import re
 import socket
 import ssl
 from dataclasses import dataclass
 
+from .log import LEVELS
 from .stream import Closed, Stream, TooLong
 
+ALERT = LEVELS["alert"]
 LITERAL_MINUS_MAX = 4096  # RFC 7888: the longest non-synchronizing literal LITERAL- allows
 _GREETING_CAPABILITY = re.compile(rb"\* OK \[CAPABILITY ([^\]\r\n]*)\]", re.IGNORECASE)
 
 
 class BackendError(Exception):
     """The backend login failed.  `reply` is what the backend said (None
-    when it said nothing usable: closed, timed out, line too long)."""
+    when it said nothing usable: closed, timed out, line too long);
+    `level` is the log level the session logs it at."""
 
-    def __init__(self, message, reply=None):
+    def __init__(self, message, reply=None, level=logging.ERROR):
         super().__init__(message)
-        self.reply = reply
+        self.reply, self.level = reply, level
 
 
 def new_socket(server):
@@ -42,7 +46,11 @@ def new_socket(server):
     down a connect in progress (socket.create_connection would hide the
     socket until it is connected)."""
     # Auth-Server is an IP literal (spec 2.4): no name lookup is needed.
-    sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET)
+    except OSError as exc:      # out of descriptors: nginx's [alert], and the client is told
+        raise BackendError(f"socket() failed ({exc.errno}: {exc.strerror})",
+                           level=ALERT) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

@@ -16,6 +16,7 @@ sessions finish (for at most `shutdown_timeout`); SIGTERM and SIGINT end
 everything at once.
 """
 
+import errno
 import functools
 import grp
 import ipaddress
@@ -27,6 +28,7 @@ import signal
 import socket
 import socketserver
 import threading
+import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
@@ -40,6 +42,8 @@ from .smtp import SmtpSession
 
 SESSION_CLASSES = {"imap": ImapSession, "pop3": Pop3Session, "smtp": SmtpSession}
 POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
+ACCEPT_PAUSE = 0.5          # seconds a listener stops accepting when out of fds
+RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 STOP_GRACE = 0.5            # a fast stop waits this long for the cut sessions to log
                             # their end; one still waiting on the auth service (its
                             # own timeout) ends with the process
@@ -111,8 +115,18 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def get_request(self):
         """accept(); a unix-domain peer's address is '' even when it bound
-        its socket to a path: it is no client address (logs say "unix:")."""
-        request, client_address = self.socket.accept()
+        its socket to a path: it is no client address (logs say "unix:").
+        Out of descriptors or memory, the error is logged at `crit` (nginx's
+        words) and this listener pauses ACCEPT_PAUSE: socketserver drops the
+        OSError and polls again, and the client still waiting in the backlog
+        would wake it at once, for ever."""
+        try:
+            request, client_address = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self.worker.log.critical("accept4() failed (%d: %s)", exc.errno, exc.strerror)
+                time.sleep(ACCEPT_PAUSE)
+            raise
         return request, "" if self.entry.family == socket.AF_UNIX else client_address
 
     def process_request(self, request, client_address):

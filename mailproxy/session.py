@@ -159,7 +159,7 @@ class Session(socketserver.BaseRequestHandler):
             self.log.info("SSL error with the client (%s)", exc.reason or exc)
         except (InternalError, AuthServiceError, BackendError) as exc:
             self.ended("backend" if isinstance(exc, BackendError) else "error")
-            self.log.error("%s", exc)
+            self.log.log(getattr(exc, "level", logging.ERROR), "%s", exc)
             self.send_quietly(self.INTERNAL_ERROR)
         except OSError as exc:
             self.ended("error")
