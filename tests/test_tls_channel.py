@@ -39,9 +39,11 @@ LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
 class BioClient:
     """A TLS client (pyOpenSSL, memory BIOs) over a plain socket."""
 
-    def __init__(self, port, certs):
+    def __init__(self, port, certs, version=None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if version:
+            context.set_max_proto_version(version)
         context.load_verify_locations(certs.ca.cert)
         context.set_verify(SSL.VERIFY_PEER, lambda *args: args[-1])
         self.tls = SSL.Connection(context, None)
@@ -162,24 +164,33 @@ def test_a_command_record_trickled_after_the_handshake_is_cut_at_timeout(start_p
 
 # ------------------------------------------------------------ half-closes
 
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION],
+                         ids=["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("backend_sends", ["an echo", "its own 3 MB"])
 def test_close_notify_and_fin_while_megabytes_flow_both_ways_lose_no_byte(
-        start_proxy, auth_service, certs):
-    """The client sends 3 MB, then close_notify and FIN, while the
-    backend echoes all of it back: every byte comes back, then the end."""
-    data = os.urandom(MEGABYTES)
-    with ScriptedBackend([*LOGIN, ("echo",)]) as backend:
+        start_proxy, auth_service, certs, backend_sends, version):
+    """The client sends 3 MB, then close_notify and FIN, while the backend
+    echoes all of it back, or sends 3 MB of its own first and then reads:
+    every byte arrives both ways, then the end of the stream."""
+    data, own = os.urandom(MEGABYTES), os.urandom(MEGABYTES)
+    steps = [("echo",)] if backend_sends == "an echo" else [("send", own), ("sink",)]
+    expected = data if backend_sends == "an echo" else own
+    with ScriptedBackend([*LOGIN, *steps]) as backend:
         auth_service.reply = ok(backend.host, backend.port)
         port = free_port()
         start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl;"], auth=auth_service.url,
                     mail=f"ssl_certificate {certs.rsa.cert};\n"
                          f"ssl_certificate_key {certs.rsa.key};")
-        client = BioClient(port, certs)
+        client = BioClient(port, certs, version)
         client.login()
         received, ended = both_ways(client, data)
         client.close()
+        [record] = backend.wait_connections(1)
     assert ended
-    assert len(received) == len(data)
-    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+    assert len(received) == len(expected)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(expected).digest()
+    if backend_sends != "an echo":
+        assert record.sink_sha256 == hashlib.sha256(data).hexdigest()
 
 
 def both_ways(client, data):

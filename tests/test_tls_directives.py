@@ -350,3 +350,46 @@ def test_a_refused_session_is_not_resumed(start_proxy, certs, tmp_path):
     second = s_client(port, certs, "-tls1_2", "-sess_in", str(session),
                       "-cert", certs.stranger_client.cert, "-key", certs.stranger_client.key)
     assert "\nNew, " in second
+
+
+@pytest.fixture(scope="module")
+def chained_client(certs, tmp_path_factory):
+    """A client certificate two intermediate CAs below the test CA: (the
+    file with the certificate and both intermediates, the key file)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from certs import _issue, _name, _write
+    directory = tmp_path_factory.mktemp("chain")
+    with open(certs.ca.key, "rb") as file:
+        ca_key = serialization.load_pem_private_key(file.read(), None)
+    upper_key, lower_key, key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    upper = _issue(_name("Mailproxy Upper CA"), upper_key, certs.ca.x509, ca_key, ca=True)
+    lower = _issue(_name("Mailproxy Lower CA"), lower_key, upper, upper_key, ca=True)
+    leaf = _write(directory, "leaf", _issue(_name("joe"), key, lower, lower_key), key)
+    chain = directory / "chain.crt"
+    chain.write_bytes(leaf.pem + b"".join(ca.public_bytes(serialization.Encoding.PEM)
+                                          for ca in (lower, upper)))
+    return str(chain), leaf.key
+
+
+@pytest.mark.parametrize("depth, verdict", [(1, "certificate error"), (2, "SUCCESS")])
+def test_ssl_verify_depth_limits_the_chain(start_proxy, auth_service, certs, chained_client,
+                                           depth, verdict):
+    """Client certificate <- two intermediate CAs <- trusted CA: depth 1
+    (nginx's default: one intermediate) is one too few, 2 lets it in."""
+    proxy, port = tls_proxy(start_proxy, certs, verifying(certs, "on") +
+                            f"ssl_verify_depth {depth};", auth=auth_service.url)
+    context = client_context(certs)
+    context.load_cert_chain(*chained_client)
+    with Peer.connect(port) as peer:
+        peer.starttls(context)
+        if verdict == "SUCCESS":
+            assert peer.line() == imap.GREETING
+            peer.send(b"a LOGIN joe secret\r\n")
+            assert peer.line() == b"a NO no reply scripted\r\n"
+            assert auth_service.requests[0].header("Auth-SSL-Verify") == "SUCCESS"
+            return
+        assert peer.line() == imap.CERTIFICATE_ERROR
+    # OpenSSL stops building the chain at the depth: its reason is the
+    # missing issuer (20), as nginx on the same OpenSSL would log
+    proxy.wait_log("client SSL certificate verify error: (20:unable to get local issuer")
