@@ -393,3 +393,35 @@ def test_ssl_verify_depth_limits_the_chain(start_proxy, auth_service, certs, cha
     # OpenSSL stops building the chain at the depth: its reason is the
     # missing issuer (20), as nginx on the same OpenSSL would log
     proxy.wait_log("client SSL certificate verify error: (20:unable to get local issuer")
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_a_resumed_session_keeps_its_certificate_verdict(start_proxy, auth_service, certs,
+                                                         tmp_path, version):
+    """The verify result travels with the session (cache or ticket), as in
+    nginx: resuming never turns a failed certificate into SUCCESS, and a
+    refused one is refused again (no bypass through a ticket)."""
+    _, port = tls_proxy(start_proxy, certs, verifying(certs, "optional_no_ca") +
+                        "ssl_session_cache builtin;", auth=auth_service.url)
+    cert = ["-cert", certs.stranger_client.cert, "-key", certs.stranger_client.key]
+    session = tmp_path / "session"
+    say = b"a LOGIN joe secret\r\nb LOGOUT\r\n"
+    first = s_client(port, certs, VERSIONS[version], "-sess_out", str(session), *cert, say=say)
+    second = s_client(port, certs, VERSIONS[version], "-sess_in", str(session), *cert, say=say)
+    assert "\nReused, " in second, second[-1500:]
+    assert "a NO no reply scripted" in first and "a NO no reply scripted" in second
+    verdicts = [request.header("Auth-SSL-Verify") for request in auth_service.requests]
+    assert len(verdicts) == 2 and verdicts[0] == verdicts[1] != "SUCCESS", verdicts
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_a_ticket_from_a_refused_session_is_refused_again(start_proxy, certs, tmp_path,
+                                                          version):
+    _, port = tls_proxy(start_proxy, certs, verifying(certs, "on"))
+    cert = ["-cert", certs.stranger_client.cert, "-key", certs.stranger_client.key]
+    session = tmp_path / "session"
+    first = s_client(port, certs, VERSIONS[version], "-sess_out", str(session), *cert)
+    assert "* BYE SSL certificate error" in first
+    second = s_client(port, certs, VERSIONS[version], "-sess_in", str(session), *cert)
+    assert "\nReused, " in second, second[-1500:]       # a ticket: stateless
+    assert "* BYE SSL certificate error" in second and "* OK" not in second
