@@ -131,7 +131,7 @@ mail {{
 def test_tickets_issued_by_one_worker_resume_on_another(certs, tmp_path):
     """The master builds the contexts before it forks: both workers hold
     OpenSSL's one ticket key, so every resumption works whichever worker
-    takes the connection (and both do take some)."""
+    takes the connection (the test goes on until both have taken some)."""
     port, log = free_port(), tmp_path / "error.log"
     conf = tmp_path / "mail.conf"
     conf.write_text(MASTER_CONFIG.format(log=log, cert=certs.rsa.cert, key=certs.rsa.key,
@@ -143,11 +143,13 @@ def test_tickets_issued_by_one_worker_resume_on_another(certs, tmp_path):
                           timeout=15), log.read_text() if log.exists() else ""
         session = tmp_path / "session"
         assert "* BYE" in s_client(port, certs, "-tls1_3", "-sess_out", str(session))
-        outcomes = [s_client(port, certs, "-tls1_3", "-sess_in", str(session))
-                    for _ in range(12)]
-        assert all("\nReused, " in out for out in outcomes)
-        pids = {line.split("#")[0].split()[-1] for line in log.read_text().splitlines()
-                if "connected to" in line}
+        for attempt in range(1, 41):        # until both workers have served some
+            out = s_client(port, certs, "-tls1_3", "-sess_in", str(session))
+            assert "\nReused, " in out, out[-1500:]
+            pids = {line.split("#")[0].split()[-1] for line in log.read_text().splitlines()
+                    if "connected to" in line}
+            if len(pids) == 2 and attempt >= 4:
+                break
         assert len(pids) == 2, pids
     finally:
         master.send_signal(signal.SIGTERM)
