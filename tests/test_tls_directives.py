@@ -186,6 +186,15 @@ def test_ssl_conf_command_groups_and_ciphersuites(start_proxy, certs):
     assert "TLS_CHACHA20_POLY1305_SHA256" in out and "secp384r1" in out, out[-1500:]
 
 
+def test_ssl_conf_command_certificate_and_private_key_add_a_pair(start_proxy, certs):
+    _, port = tls_proxy(start_proxy, certs, f"ssl_conf_command Certificate {certs.ecdsa.cert};\n"
+                                            f"ssl_conf_command PrivateKey {certs.ecdsa.key};")
+    ecdsa = s_client(port, certs, "-tls1_3", "-sigalgs", "ecdsa_secp256r1_sha256")
+    rsa = s_client(port, certs, "-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256")
+    assert "Peer signature type: ECDSA" in ecdsa and "* BYE" in ecdsa, ecdsa[-1500:]
+    assert "Peer signature type: RSA-PSS" in rsa and "* BYE" in rsa, rsa[-1500:]
+
+
 def test_ssl_conf_command_max_protocol(start_proxy, certs):
     _, port = tls_proxy(start_proxy, certs, "ssl_conf_command MaxProtocol TLSv1.2;")
     with Peer.connect(port) as peer:
