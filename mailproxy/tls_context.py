@@ -85,6 +85,7 @@ def _server_context(config):
         _apply("ssl_ecdh_curve", tls.set_groups, context, config.ssl_ecdh_curve)
     context.set_alpn_select_callback(_alpn(config.protocol.encode()))
     _session_cache(context, config)
+    _check_ticket_keys(config.ssl_session_ticket_key)
     _client_verification(context, config)
     for name, value in config.ssl_conf_command:
         _conf_command(context, flags, name, value)
@@ -142,6 +143,21 @@ def _session_cache(context, config):
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER | SSL.SESS_CACHE_NO_INTERNAL_STORE)
     else:
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+
+
+def _check_ticket_keys(paths):
+    """ssl_session_ticket_key files are checked as nginx checks them, though
+    not loaded (see warnings())."""
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                size = len(file.read(81))
+        except OSError as exc:
+            raise TlsSetupError("ssl_session_ticket_key",
+                                f'open() "{path}" failed ({exc.strerror})') from None
+        if size not in (48, 80):
+            raise TlsSetupError("ssl_session_ticket_key",
+                                f'"{path}" must be 48 or 80 bytes')
 
 
 # -------------------------------------------------------- verification

@@ -252,7 +252,10 @@ def test_real_world_tls_settings_pass_the_test(tmp_path, certs, lines):
     ("ssl_conf_command SignatureAlgorithms RSA+SHA256;",
      'SSL_CONF_cmd("SignatureAlgorithms", "RSA+SHA256") failed: the command is not '
      'supported by mailproxy'),
-    ("ssl_conf_command Options -Bugs;", 'option "Bugs" is not supported by mailproxy')])
+    ("ssl_conf_command Options -Bugs;", 'option "Bugs" is not supported by mailproxy'),
+    ("ssl_session_ticket_key /dev/null;", '"/dev/null" must be 48 or 80 bytes'),
+    ("ssl_session_ticket_key /nonexistent/ticket.key;",
+     'open() "/nonexistent/ticket.key" failed (No such file or directory)')])
 def test_tls_settings_that_cannot_work_are_errors_naming_the_directive(tmp_path, certs, line,
                                                                        message):
     path = conf(tmp_path, certs, [line])
@@ -271,7 +274,8 @@ def test_tls_settings_that_cannot_work_are_errors_naming_the_directive(tmp_path,
                                         "supported"),
     ("ssl_session_cache builtin:1000;", 'the size of "builtin:1000" is not honoured')])
 def test_what_is_accepted_but_not_honoured_is_a_warning(tmp_path, certs, line, warning):
-    path = conf(tmp_path, certs, [line])
+    (tmp_path / "ticket.key").write_bytes(os.urandom(80))
+    path = conf(tmp_path, certs, [line.replace("ticket.key", str(tmp_path / "ticket.key"))])
     [text] = load(path, prefix=str(tmp_path)).warnings
     assert text.startswith(warning) and text.endswith(f"in {path}:8")
 
