@@ -21,7 +21,7 @@ import time
 import pytest
 
 pytest.register_assert_rewrite("certs")
-from certs import Peer, client_context
+from certs import Peer, client_context, issue_chain
 from fakes import ScriptedAuthService, fail, ok
 from harness import free_port, wait_until
 from mailproxy import imap, pop3, smtp
@@ -369,22 +369,8 @@ def test_a_refused_session_is_not_resumed(start_proxy, certs, tmp_path):
 
 @pytest.fixture(scope="module")
 def chained_client(certs, tmp_path_factory):
-    """A client certificate two intermediate CAs below the test CA: (the
-    file with the certificate and both intermediates, the key file)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from certs import _issue, _name, _write
-    directory = tmp_path_factory.mktemp("chain")
-    with open(certs.ca.key, "rb") as file:
-        ca_key = serialization.load_pem_private_key(file.read(), None)
-    upper_key, lower_key, key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    upper = _issue(_name("Mailproxy Upper CA"), upper_key, certs.ca.x509, ca_key, ca=True)
-    lower = _issue(_name("Mailproxy Lower CA"), lower_key, upper, upper_key, ca=True)
-    leaf = _write(directory, "leaf", _issue(_name("joe"), key, lower, lower_key), key)
-    chain = directory / "chain.crt"
-    chain.write_bytes(leaf.pem + b"".join(ca.public_bytes(serialization.Encoding.PEM)
-                                          for ca in (lower, upper)))
-    return str(chain), leaf.key
+    """A client certificate two intermediate CAs below the test CA."""
+    return issue_chain(certs, tmp_path_factory.mktemp("chain"))
 
 
 @pytest.mark.parametrize("depth, verdict", [(1, "certificate error"), (2, "SUCCESS")])
