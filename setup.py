@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["mailproxy", "mailproxy.*"]),
     python_requires=">=3.10",
     install_requires=["click>=8", "requests>=2.32.2", "crossplane>=0.5", "dnspython>=2.3",
-                      "cryptography>=41"],
+                      "cryptography>=41", "pyOpenSSL>=25"],
     extras_require={"test": ["pytest>=7", "coverage>=7.13", "hypothesis>=6"]},
     entry_points={"console_scripts": ["mailproxy = mailproxy.cli:main"]},
 )

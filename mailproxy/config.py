@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from . import conffile
 from . import directives as d
-from . import tls
+from . import tls_context
 from .conffile import COMMAND_LINE, ConfigError, Where
 from .values import BadDirective, BadValue
 
@@ -281,7 +281,8 @@ def _server(level, mail, main, conf_prefix):
     listens = _apply_legacy_keepalive(listens.value, settings["so_keepalive"])
     protocol = _protocol(level, listens)
     server = ServerConfig(settings, listens, protocol, level.where)
-    _check_tls(server)
+    level.warnings += [f"{text} in {settings[name].where or level.where}"
+                       for name, text in _check_tls(server)]
     return server
 
 
@@ -301,7 +302,8 @@ def _check_tls(server):
     """nginx's TLS configuration checks, then the contexts themselves are
     built once as a trial (a missing file or bad cipher list is an error
     now, as `nginx -t` reports it, not at the first client); the ones the
-    sessions use are built by server.Service."""
+    sessions use are built again where they are served.  Returns the
+    [warn]s as (directive, text)."""
     settings = server.settings
     # (what needs a certificate, where it was said): nginx names that line
     users = [(f'"{name}"', where) for name, where in
@@ -314,8 +316,8 @@ def _check_tls(server):
     if len(server.ssl_certificate_key) < len(server.ssl_certificate):
         raise ConfigError(f'no "ssl_certificate_key" is defined for certificate '
                           f'"{server.ssl_certificate[-1]}"', settings["ssl_certificate"].where)
-    if server.ssl_verify_client != "off" and not (server.ssl_client_certificate
-                                                  or server.ssl_trusted_certificate):
+    if server.ssl_verify_client in ("on", "optional") and \
+            not (server.ssl_client_certificate or server.ssl_trusted_certificate):
         raise ConfigError("no ssl_client_certificate or ssl_trusted_certificate for "
                           "ssl_verify_client", settings["ssl_verify_client"].where)
     if server.proxy_ssl and server.proxy_starttls:
@@ -328,12 +330,14 @@ def _check_tls(server):
                                   '"proxy_starttls on"', setting.where)
     try:
         if users:
-            tls.server_context(server)
+            tls_context.server_context(server)
         if server.proxy_ssl or server.proxy_starttls:
-            tls.backend_context(server)
-    except tls.TlsSetupError as exc:
+            tls_context.backend_context(server)
+    except tls_context.TlsSetupError as exc:
         raise ConfigError(str(exc) + f' in "{exc.directive}" directive',
                           settings[exc.directive].where or server.where) from None
+    return tls_context.warnings(server) if users or server.proxy_ssl or server.proxy_starttls \
+        else []
 
 
 def _apply_legacy_keepalive(listens, legacy):
@@ -403,6 +407,7 @@ def dump(config):
         lines.append(f"        protocol {server.protocol};")
         for name, setting in server.settings.items():
             lines += [f"        {name}{_render(args)};" for args in _occurrences(setting)]
+        lines += [f"        # {text}" for text in tls_context.summary(server)]
         lines.append("    }")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -31,8 +31,8 @@ from .values import (LEVELS, BadValue, item, methods, one_of, pair, parse_flag, 
 
 # Statuses.  "later" directives are parsed and validated now, but a config
 # that uses them is refused with a clear error until the feature exists.
-# "gap" directives are nginx behaviour Python's ssl module cannot express:
-# only their default is accepted, and docs/directives.md says why.
+# "gap" directives are nginx behaviour mailproxy cannot express: only their
+# default is accepted, and docs/directives.md says why (none is left today).
 # "ignored" are nginx core directives with no meaning in mailproxy: checked,
 # then passed over with a [warn] (see `ignored`).  "skipped" blocks
 # (`http {}`, `stream {}`) are lexed and passed over with a [warn].
@@ -49,21 +49,27 @@ PROTOCOL_BY_PORT = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
 # ---------------------------------------------- arguments of one directive
 
 TLS_VERSIONS = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}
+SHARED_CACHE_MINIMUM = 8 * 4096     # nginx: a shared zone of at least 8 pages
 
 
-def ecdh_curve(text):
-    """`auto` or one curve name: Python's ssl module sets a single curve."""
-    if ":" in text:
-        raise BadValue(f'invalid value "{text}": a list of curves is not supported, '
-                       "give one curve or auto")
-    return text
-
-
-def verify_client(text):
-    if text == "optional_no_ca":
-        raise BadValue('"optional_no_ca" is not supported: Python\'s ssl module cannot '
-                       "accept a certificate it has not verified")
-    return one_of("on", "off", "optional")(text)
+def session_cache(args):
+    """`ssl_session_cache off | none | [builtin[:size]] [shared:name:size]`,
+    checked as nginx checks it; the words are the value (tls_context.py)."""
+    for arg in args:
+        kind, _, rest = arg.partition(":")
+        if arg in ("off", "none", "builtin") or \
+                (kind == "builtin" and rest.isdigit() and int(rest) > 0):
+            continue
+        name, _, size = rest.partition(":")
+        if kind != "shared" or not name or not size:
+            raise BadValue(f'invalid session cache "{arg}"')
+        try:
+            too_small = parse_size(size) < SHARED_CACHE_MINIMUM
+        except BadValue:
+            raise BadValue(f'invalid session cache "{arg}"') from None
+        if too_small:
+            raise BadValue(f'session cache "{arg}" is too small')
+    return tuple(args)
 
 
 def pin(args):
@@ -305,35 +311,29 @@ _ROWS = [
     Directive("ssl_certificate", M_S, (1, 1), item, repeat=True),
     Directive("ssl_certificate_key", M_S, (1, 1), item, repeat=True),
     Directive("ssl_password_file", M_S, (1, 1), single(str)),
-    Directive("ssl_certificate_compression", M_S, (1, 1), single(parse_flag), ["off"],
-              status=GAP, note="Python's ssl module cannot turn it on"),
+    Directive("ssl_certificate_compression", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("ssl_dhparam", M_S, (1, 1), single(str)),
-    Directive("ssl_ecdh_curve", M_S, (1, 1), single(ecdh_curve), ["auto"]),
+    Directive("ssl_ecdh_curve", M_S, (1, 1), single(str), ["auto"]),
     Directive("ssl_protocols", M_S, (1, None), methods(TLS_VERSIONS), ["TLSv1.2", "TLSv1.3"]),
     Directive("ssl_ciphers", M_S, (1, 1), single(str), ["HIGH:!aNULL:!MD5"]),
     Directive("ssl_prefer_server_ciphers", M_S, (1, 1), single(parse_flag), ["off"]),
-    Directive("ssl_session_cache", M_S, (1, 3), words, ["none"], status=GAP,
-              note="Python's ssl module keeps OpenSSL's built-in per-process cache"),
+    Directive("ssl_session_cache", M_S, (1, None), session_cache, ["none"]),
     Directive("ssl_session_tickets", M_S, (1, 1), single(parse_flag), ["on"]),
-    Directive("ssl_session_ticket_key", M_S, (1, 1), item, repeat=True, status=GAP,
-              note="Python's ssl module cannot load ticket keys"),
-    Directive("ssl_session_timeout", M_S, (1, 1), single(parse_time), ["5m"], status=GAP,
-              note="Python's ssl module keeps OpenSSL's session lifetime, 2 hours"),
-    Directive("ssl_verify_client", M_S, (1, 1), single(verify_client), ["off"]),
-    Directive("ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"], status=GAP,
-              note="Python's ssl module cannot limit the chain depth"),
+    Directive("ssl_session_ticket_key", M_S, (1, 1), item, repeat=True),
+    Directive("ssl_session_timeout", M_S, (1, 1), single(parse_time), ["5m"]),
+    Directive("ssl_verify_client", M_S, (1, 1),
+              single(one_of("on", "off", "optional", "optional_no_ca")), ["off"]),
+    Directive("ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"]),
     Directive("ssl_client_certificate", M_S, (1, 1), single(str)),
     Directive("ssl_trusted_certificate", M_S, (1, 1), single(str)),
     Directive("ssl_crl", M_S, (1, 1), single(str)),
-    Directive("ssl_conf_command", M_S, (2, 2), pair, repeat=True, status=GAP,
-              note="Python's ssl module has no SSL_CONF interface"),
+    Directive("ssl_conf_command", M_S, (2, 2), pair, repeat=True),
     # beyond nginx: TLS toward the backend
     Directive("proxy_ssl", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("proxy_starttls", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("proxy_ssl_verify", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("proxy_ssl_trusted_certificate", M_S, (1, 1), single(str)),
-    Directive("proxy_ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"],
-              status=GAP, note="Python's ssl module cannot limit the chain depth"),
+    Directive("proxy_ssl_verify_depth", M_S, (1, 1), single(parse_positive), ["1"]),
     Directive("proxy_ssl_name", M_S, (1, 1), single(str)),
     Directive("proxy_ssl_server_name", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("proxy_ssl_protocols", M_S, (1, None), methods(TLS_VERSIONS),

@@ -19,6 +19,7 @@ from .stream import TooLong
 GREETING = b"* OK IMAP4 ready\r\n"
 INTERNAL_ERROR = b"* BAD internal server error\r\n"
 NO_CERTIFICATE = b"* BYE No required SSL certificate\r\n"
+CERTIFICATE_ERROR = b"* BYE SSL certificate error\r\n"
 BYE = b"* BYE\r\n"
 ID_REPLY = b"* ID NIL\r\n"              # RFC 2971: the proxy has nothing to tell
 CONTINUE_LITERAL = b"+ OK\r\n"
@@ -54,6 +55,7 @@ class ImapSession(Session):
     protocol = "imap"
     INTERNAL_ERROR = INTERNAL_ERROR
     NO_CERTIFICATE = NO_CERTIFICATE
+    CERTIFICATE_ERROR = CERTIFICATE_ERROR
     BLOCKED_BEFORE_TLS = frozenset({"LOGIN", "AUTHENTICATE"})
     STATES = {"start": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "LOGIN", "AUTHENTICATE",
                         "STARTTLS"}}

@@ -13,6 +13,7 @@ from .session import Command, Rejected, Session
 GREETING = b"+OK POP3 ready"
 INTERNAL_ERROR = b"-ERR internal server error\r\n"
 NO_CERTIFICATE = b"-ERR No required SSL certificate\r\n"
+CERTIFICATE_ERROR = b"-ERR SSL certificate error\r\n"
 INVALID = b"-ERR invalid command\r\n"
 OK = b"+OK\r\n"
 CAPA_HEADER = b"+OK Capability list follows\r\n"
@@ -55,6 +56,7 @@ class Pop3Session(Session):
     protocol = "pop3"
     INTERNAL_ERROR = INTERNAL_ERROR
     NO_CERTIFICATE = NO_CERTIFICATE
+    CERTIFICATE_ERROR = CERTIFICATE_ERROR
     BLOCKED_BEFORE_TLS = frozenset({"USER", "APOP", "AUTH"})
     STATES = {"start": {"USER", "APOP", "AUTH", "CAPA", "NOOP", "QUIT", "STLS"},
               "user": {"PASS", "CAPA", "NOOP", "QUIT"}}

@@ -32,7 +32,7 @@ import time
 
 from . import NGINX_COMPAT, __version__
 from . import log as logmod
-from . import tls
+from . import tls_context
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .listening import open_sockets, remove_socket_file, socket_key, socket_plan
@@ -60,9 +60,9 @@ class Service:
         self.texts = self.session_class.prepare(config)
         self.auth = AuthClient(config.auth_http, config.auth_http_timeout,
                                config.auth_http_header)
-        needs_tls = config.starttls != "off" or any(e.ssl for e in config.listens)
-        self.tls = tls.server_context(config) if needs_tls else None
-        self.backend_tls = tls.BackendTls(config) \
+        self.tls = tls_context.server_context(config) if tls_context.needs_tls(config) \
+            else None
+        self.backend_tls = tls_context.BackendTls(config) \
             if config.proxy_ssl or config.proxy_starttls else None
         self.warned = set()             # backend addresses warned about; sessions add
         self.warned_lock = threading.Lock()

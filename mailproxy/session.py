@@ -41,7 +41,9 @@ from .log import LogContext, SessionLog, hostport, printable, session_summary
 from .ops import metrics, proxy_protocol, trace
 from .sasl import EXCHANGES, make_salt
 from .stream import Closed, Stream, TooLong
-from .tls import TlsChannel, certificate_headers
+from .tls import TlsChannel
+from .tls_certs import certificate_headers
+from .tls_context import verify_outcome
 
 QUIT_VERBS = frozenset({"LOGOUT", "QUIT"})     # the client's own goodbye
 RELAY_READ = 65536          # bytes per relay read: see relay_buffers()
@@ -84,6 +86,7 @@ class Session(socketserver.BaseRequestHandler):
     protocol = ""
     INTERNAL_ERROR = b""
     NO_CERTIFICATE = b""            # ssl_verify_client on, and none was sent
+    CERTIFICATE_ERROR = b""         # on or optional, and the certificate failed
     BLOCKED_BEFORE_TLS = frozenset()    # verbs `starttls only` refuses in clear text
     STATES = {"start": ()}          # state -> verbs accepted in it
     needs_backend_password = True   # IMAP/POP3 must have a clear-text password
@@ -135,6 +138,8 @@ class Session(socketserver.BaseRequestHandler):
         self.server.worker.untrack(self)
         if self.backend_socket:
             self.backend_socket.close()
+        if self.client.secure:
+            self.client.sock.close()    # marks the TLS session resumable, then closes
 
     def handle(self):
         """The funnel: every way a session can end is logged here, once,
@@ -319,11 +324,15 @@ class Session(socketserver.BaseRequestHandler):
         self.state = "start"
         channel = self.client.sock
         self.log.debug("SSL handshake done: %s, %s", channel.version, channel.cipher)
-        if self.config.ssl_verify_client == "on" and not channel.peer_certificate():
-            self.log.info("client sent no required SSL certificate")
-            self.ended("tls")
-            self.send(self.NO_CERTIFICATE)
-            self.quit = True
+        verdict, problem, _ = verify_outcome(channel, self.config.ssl_verify_client)
+        if verdict is None:
+            return
+        self.log.info("%s", problem or "client sent no required SSL certificate")
+        if problem:
+            channel.keep_session = False    # as nginx: a refused session is not resumed
+        self.ended("tls")
+        self.send(self.CERTIFICATE_ERROR if problem else self.NO_CERTIFICATE)
+        self.quit = True
 
     def upgrade(self, command, reply):
         """STARTTLS/STLS: refused (not counted) unless allowed; else the OK

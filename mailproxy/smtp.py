@@ -20,6 +20,7 @@ from .session import Command, Rejected, Session
 
 INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
 NO_CERTIFICATE = b"421 4.7.1 No required SSL certificate\r\n"
+CERTIFICATE_ERROR = b"421 4.7.1 SSL certificate error\r\n"
 START_TLS = b"220 2.0.0 Start TLS\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
@@ -67,6 +68,7 @@ class SmtpSession(Session):
     protocol = "smtp"
     INTERNAL_ERROR = INTERNAL_ERROR
     NO_CERTIFICATE = NO_CERTIFICATE
+    CERTIFICATE_ERROR = CERTIFICATE_ERROR
     BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # not MAIL/RCPT in MX mode, as nginx
     STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
                         "VRFY", "EXPN", "HELP", "STARTTLS"}}

@@ -1,16 +1,16 @@
-"""TLS: a connection object two threads may share, and the ssl contexts.
+"""TLS: a connection object two threads may share, over pyOpenSSL.
 
-Why not `ssl.SSLSocket`?  After login the relay runs two threads over the
-client connection, one reading and one writing.  OpenSSL forbids using one
-SSL object from two threads at once, and an SSLSocket gives no way to
-serialise the two without also serialising the blocking socket calls (a
+Why a channel and not a TLS socket?  After login the relay runs two threads
+over the client connection, one reading and one writing.  OpenSSL forbids
+using one SSL object from two threads at once, and a TLS socket gives no way
+to serialise the two without also serialising the blocking socket calls (a
 reader waiting for the client would stall the writer).  So `TlsChannel`
-keeps the SSL state machine in memory (`ssl.SSLObject` between two
-`MemoryBIO`s), touches it only under `lock`, and does the socket I/O
-outside the lock:
+keeps the SSL state machine in memory (an `OpenSSL.SSL.Connection` with
+memory BIOs, as Twisted's TLS layer drives it), touches it only under
+`lock`, and does the socket I/O outside the lock:
 
-    reader: raw recv (no lock) -> [lock] feed incoming BIO, SSL_read [unlock]
-    writer: [send_lock [lock] SSL_write, take outgoing BIO [unlock] raw send]
+    reader: raw recv (no lock) -> [lock] feed the BIO, SSL_read [unlock]
+    writer: [send_lock [lock] SSL_write, take the records [unlock] raw send]
 
 `send_lock` makes TLS records leave in the order OpenSSL made them, even
 when the reader produced some (a TLS 1.3 KeyUpdate answer, session
@@ -18,59 +18,97 @@ tickets); the reader never blocks on it (see `_flush`).
 
 The channel looks like a blocking socket with a timeout to stream.py and
 relay.py: recv, sendall, settimeout, fileno, shutdown, close, plus
-`pending()` for decrypted bytes that poll() cannot see.  The socket under
-it is a blocking socket too, and `settimeout()` is passed on to it: every
-raw recv and send waits at most that long, and raises TimeoutError.  After
-login the relay's two threads share that one timeout (proxy_timeout).
+`pending()` for decrypted bytes that poll() cannot see.  `settimeout()`
+bounds each call as a whole, however many raw reads and writes it takes
+(a handshake is many): one deadline per call, as a socket's timeout is
+one per call, so a peer that trickles a ClientHello a byte at a time is
+cut at `timeout` as a clear-text one is.  After login the relay's two
+threads share one timeout (proxy_timeout) and each call has its own
+deadline.
+
+Why pyOpenSSL (the decision, on evidence).  The standard `ssl` module
+cannot express nginx's session cache modes and lifetime, curve lists,
+verification that completes the handshake and is judged afterwards
+(`optional_no_ca`, nginx's certificate-error replies), the CA names of the
+CertificateRequest, or a verify depth.  pyOpenSSL (pyca, the maintainers of
+`cryptography`) publishes all of these: set_session_cache_mode,
+set_timeout, set_verify with a callback, set_verify_depth,
+set_client_ca_list/load_client_ca, load_tmp_dh, set_tls13_ciphersuites,
+set_min/max_proto_version, and memory BIOs.  It publishes no groups list,
+no verify result (nor its text) and no host name check for the client
+side; those calls go through `cryptography`'s bindings, all in the one
+commented place at the end of this module.  SSL_CONF and ticket keys are not in the
+bindings at all: tls_context.py maps the SSL_CONF commands real
+configurations use onto published calls, and ticket key files draw a
+[warn].  pyOpenSSL uses the OpenSSL inside `cryptography`'s wheel, not the
+system's libssl; nothing here mixes the two.  The same stack serves the
+backend side (proxy_ssl), so one channel class serves both directions.
 """
 
-import base64
-import hashlib
 import socket
 import ssl
 import threading
+import time
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
-
-from .auth_http import escape
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi, lib as _lib     # see "cryptography's bindings" below
 
 CHUNK = 65536           # raw bytes per recv: up to four full TLS records
-# OpenSSL's short names where RFC 4514 has none: nginx prints DNs with
-# X509_NAME_print_ex(XN_FLAG_RFC2253), and auth services match that text.
-OPENSSL_NAMES = {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.SERIAL_NUMBER: "serialNumber",
-                 NameOID.STREET_ADDRESS: "street", NameOID.GIVEN_NAME: "GN",
-                 NameOID.SURNAME: "SN", NameOID.TITLE: "title",
-                 NameOID.POSTAL_CODE: "postalCode", NameOID.PSEUDONYM: "pseudonym",
-                 NameOID.INITIALS: "initials", NameOID.DN_QUALIFIER: "dnQualifier",
-                 NameOID.GENERATION_QUALIFIER: "generationQualifier",
-                 NameOID.BUSINESS_CATEGORY: "businessCategory",
-                 NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC",
-                 NameOID.UNSTRUCTURED_NAME: "unstructuredName",
-                 NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier"}
+CLOSED = SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN
+NO_ALPN = "no application protocol"     # the ALPN callback's mark (tls_context.py)
+
+
+class TlsError(ssl.SSLError):
+    """A TLS failure.  An `ssl.SSLError`, so callers that catch a TLS
+    socket's errors catch the channel's; `reason` is OpenSSL's text."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TlsVerifyError(ssl.SSLCertVerificationError):
+    """The peer's certificate failed verification (client side)."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.reason = "certificate verify failed"
+        self.verify_message = message
 
 
 class TlsChannel:
-    """TLS over a connected socket (server or client side)."""
+    """TLS over a connected socket (server or client side).
+
+    After the handshake, `verify_error` is None or (code, text): OpenSSL's
+    verify result, which a resumed session (or ticket) carries too."""
 
     def __init__(self, sock, context, server_side, server_hostname=None):
         self.sock = sock
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
-                                    server_hostname=server_hostname)
-        self.lock = threading.Lock()        # the SSLObject: one thread at a time
+        self.tls = SSL.Connection(context, None)        # None: memory BIOs
+        if server_side:
+            self.tls.set_accept_state()
+        else:
+            self.tls.set_connect_state()
+            if server_hostname:
+                self.tls.set_tlsext_host_name(server_hostname.encode("idna"))
+        self.lock = threading.Lock()        # the Connection: one thread at a time
         self.send_lock = threading.Lock()   # outgoing records keep their order
-        self.plain = bytearray()            # decrypted early by shutdown(), not yet read
+        self.out = bytearray()              # records made, not yet sent
+        self.timeout = sock.gettimeout()
+        self.raw_unread = False             # fed bytes OpenSSL may not have decrypted yet
+        self.raw_eof = False                # the peer's FIN came (with or without close_notify)
+        self.expected_host = None           # the backend name checked (expect_host)
+        self.keep_session = True            # False: let OpenSSL forget the session
 
     # ------------------------------------------------------------ socket-like
 
     def settimeout(self, seconds):
-        self.sock.settimeout(seconds)
+        """Each later call (recv, sendall, handshake, shutdown) takes at
+        most `seconds` in all (None: no limit)."""
+        self.timeout = seconds
 
     def gettimeout(self):
-        return self.sock.gettimeout()
+        return self.timeout
 
     def fileno(self):
         return self.sock.fileno()
@@ -82,114 +120,169 @@ class TlsChannel:
         self.sock.setsockopt(*args)
 
     def close(self):
+        """Close the socket.  Unless told to forget it, the session stays
+        resumable: OpenSSL drops the session of a connection freed without
+        a shutdown mark."""
+        if self.keep_session:
+            with self.lock:
+                self.tls.set_shutdown(self.tls.get_shutdown() | CLOSED)
         self.sock.close()
 
     def handshake(self):
-        """Run the handshake to the end (each wait at most the timeout)."""
+        """Run the handshake to the end, within the timeout."""
+        deadline = self._deadline()
         while True:
-            error = None
+            error, done = None, False
             with self.lock:
                 try:
                     self.tls.do_handshake()
                     done = True
-                except ssl.SSLWantReadError:
-                    done = False
-                except ssl.SSLError as exc:
+                except SSL.WantReadError:
+                    pass
+                except SSL.Error as exc:
                     error = exc
-            self._flush()               # the alert too, when the handshake failed
+                self._drain()
+            self._flush(deadline)           # the alert too, when the handshake failed
             if error:
-                raise error
+                raise self._failure(error)
+            if done and self.tls.get_app_data() == NO_ALPN:
+                raise TlsError(NO_ALPN)
             if done:
                 return
-            if not self._feed():
+            if not self._feed(deadline):
                 raise ConnectionResetError("peer closed the connection during the TLS handshake")
 
     def recv(self, size):
-        """Up to `size` decrypted bytes; b"" at the end of the stream."""
+        """Up to `size` decrypted bytes; b"" at the end of the stream: the
+        peer's close_notify, or a bare FIN.  A bare FIN is not fed to
+        OpenSSL, which would count it as an error and refuse to write: the
+        way back stays open, as a clear-text half-close leaves it."""
+        deadline = self._deadline()
         while True:
             with self.lock:
-                if self.plain:          # set aside by shutdown(): these come first
-                    data = bytes(self.plain[:size])
-                    del self.plain[:size]
-                    return data
                 try:
-                    data = self.tls.read(size)
-                except ssl.SSLWantReadError:
-                    data = None
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    data = b""          # close_notify, or EOF without one
-            self._flush()               # a read may have produced records to send
+                    data = self._read(size)
+                    error = None
+                except SSL.Error as exc:
+                    data, error = None, exc
+                self._drain()
+            self._flush(deadline)           # a read may have produced records to send
+            if error:
+                raise self._failure(error)
             if data is not None:
                 return data
-            if not self._feed():
-                with self.lock:
-                    self.incoming.write_eof()
+            if self.raw_eof or not self._feed(deadline):
+                self.raw_eof = True
+                return b""
+
+    def _read(self, size):
+        """SSL_read (with `lock` held): bytes, b"" at close_notify, None
+        when OpenSSL needs more."""
+        try:
+            return self.tls.recv(size)
+        except SSL.WantReadError:
+            self.raw_unread = False
+            return None
+        except SSL.ZeroReturnError:
+            return b""
 
     def sendall(self, data):
+        deadline = self._deadline()
         with self.send_lock:
             with self.lock:
-                self.tls.write(data)    # a memory BIO never asks to wait
-                out = self.outgoing.read()
-            self.sock.sendall(out)
-        self._flush()                   # what a reader queued meanwhile
+                try:
+                    self.tls.sendall(data)  # a memory BIO never asks to wait
+                except SSL.Error as exc:
+                    raise self._failure(exc) from None
+                self._drain()
+                out = self._take()
+            self._send_raw(out, deadline)
+        self._flush(deadline)               # what a reader queued meanwhile
 
     def pending(self):
-        """Bytes already received that a poll() on the socket would miss."""
+        """Decrypted bytes already received, which a poll() on the socket
+        would miss.  Raw bytes OpenSSL has not looked at yet are peeked
+        at first (SSL_peek): a record's tail still on its way is no byte."""
         with self.lock:
-            return len(self.plain) + self.tls.pending() + self.incoming.pending
+            if self.raw_unread:
+                try:
+                    self.tls.recv(1, socket.MSG_PEEK)
+                except SSL.WantReadError:
+                    self.raw_unread = False
+                except SSL.Error:
+                    pass                # the next recv() reports the end or the error
+                self._drain()           # sent by the next call's flush
+            return self.tls.pending() + int(self.raw_unread)
 
     def shutdown(self, how):
         """SHUT_WR is a half-close: close_notify (RFC 8446 6.1), sent in
         order with the other records and before the FIN, while the peer may
-        still send.  OpenSSL's shutdown fails on application data it finds
-        already received, and that data would be lost: so complete records
-        are decrypted first and kept for recv(), and the bytes of a partial
-        record are set aside around it.  SHUT_RDWR is a hard stop: no
-        close_notify, and no waiting behind a blocked writer."""
+        still send: one SSL_shutdown call, which sends and does not read,
+        so records already received stay readable.  SHUT_RDWR is a hard
+        stop: no close_notify, and no waiting behind a blocked writer."""
         if how != socket.SHUT_WR:
             self.sock.shutdown(how)
             return
+        deadline = self._deadline()
         with self.send_lock:
             with self.lock:
-                self._decrypt_received()
-                partial = self.incoming.read()
                 try:
-                    self.tls.unwrap()
-                except (ssl.SSLError, ValueError):
-                    pass                # want-read: the peer's close_notify is not awaited
-                if partial:
-                    self.incoming.write(partial)
-                out = self.outgoing.read()
+                    self.tls.shutdown()
+                except SSL.Error:
+                    pass                # a broken or unfinished connection: just the FIN
+                self._drain()
+                out = self._take()
             try:
-                self.sock.sendall(out)
+                self._send_raw(out, deadline)
             except OSError:
                 pass
             self.sock.shutdown(how)
 
-    def _decrypt_received(self):
-        """Move every complete record already received into `plain`
-        (called with `lock` held)."""
-        while True:
-            try:
-                data = self.tls.read(CHUNK)
-            except ssl.SSLError:
-                return                  # want-read, or the stream has ended
-            if not data:
-                return
-            self.plain += data
-
     # ---------------------------------------------------------- the pumps
 
-    def _feed(self):
-        """One raw recv into the incoming BIO (at most the timeout, else
+    def _deadline(self):
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def _arm(self, deadline):
+        """Give the socket what is left of `deadline` (TimeoutError if none)."""
+        if deadline is None:
+            self.sock.settimeout(None)
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("TLS deadline passed")
+        self.sock.settimeout(left)
+
+    def _feed(self, deadline):
+        """One raw recv into OpenSSL (within the deadline, else
         TimeoutError); False at EOF."""
+        self._arm(deadline)
         data = self.sock.recv(CHUNK)
-        with self.lock:
-            if data:
-                self.incoming.write(data)
+        if data:
+            with self.lock:
+                self.tls.bio_write(data)
+                self.raw_unread = True
         return bool(data)
 
-    def _flush(self):
+    def _send_raw(self, data, deadline):
+        if data:
+            self._arm(deadline)
+            self.sock.sendall(data)
+
+    def _drain(self):
+        """Move the records OpenSSL made into `out` (with `lock` held)."""
+        while True:
+            try:
+                self.out += self.tls.bio_read(CHUNK)
+            except SSL.WantReadError:
+                return
+
+    def _take(self):
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+    def _flush(self, deadline):
         """Send what OpenSSL has queued, unless another thread is sending:
         that thread flushes again after letting go of `send_lock`, so a
         reader never waits behind a writer blocked on a full socket (two
@@ -199,238 +292,109 @@ class TlsChannel:
                 return
             try:
                 with self.lock:
-                    out = self.outgoing.read()
-                self.sock.sendall(out)
+                    out = self._take()
+                self._send_raw(out, deadline)
             finally:
                 self.send_lock.release()
 
     def _queued(self):
         with self.lock:
-            return self.outgoing.pending
+            return len(self.out)
+
+    def _failure(self, exc):
+        """The ssl.SSLError to raise for a pyOpenSSL error."""
+        reason = describe(exc)
+        if reason == "certificate verify failed" and self.verify_error:
+            return TlsVerifyError(self.verify_error[1])
+        return TlsError(reason)
+
+    @property
+    def verify_error(self):
+        code = verify_result(self)
+        return None if code == 0 else (code, verify_error_text(code, self.expected_host))
 
     # ------------------------------------------------------- for the logs
 
     @property
     def version(self):
-        return self.tls.version()
+        name = self.tls.get_protocol_version_name()
+        return None if name == "Unknown" else name
 
     @property
     def cipher(self):
-        cipher = self.tls.cipher()
-        return cipher[0] if cipher else None
+        return self.tls.get_cipher_name()
 
     def peer_certificate(self, binary=True):
-        return self.tls.getpeercert(binary_form=binary)
+        """The peer's certificate as DER (None if it sent none)."""
+        cert = self.tls.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+    def peer_x509(self):
+        """The peer's certificate as pyOpenSSL's X509 (OpenSSL's parse)."""
+        return self.tls.get_peer_certificate()
 
 
-# ---------------------------------------------------------------- contexts
-
-VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,
-            "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
-
-
-class TlsSetupError(Exception):
-    """A TLS setting cannot be applied; `directive` names the culprit."""
-
-    def __init__(self, directive, message):
-        super().__init__(message)
-        self.directive = directive
+def describe(exc):
+    """OpenSSL's reason text for a pyOpenSSL error."""
+    if isinstance(exc, SSL.SysCallError):
+        return "unexpected eof while reading" if exc.args[0] == -1 else str(exc.args[-1])
+    errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    return errors[-1][2] if errors and errors[-1][2] else str(exc) or "unknown error"
 
 
-def server_context(config):
-    """The listener-side SSLContext of one server{} (spec 1.9, 5)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _versions(context, config.ssl_protocols, "ssl_protocols")
-    _ciphers(context, config.ssl_ciphers, "ssl_ciphers")
-    passwords = _passwords(config.ssl_password_file)
-    for cert, key in zip(config.ssl_certificate, config.ssl_certificate_key):
-        _load_chain(context, cert, key, passwords)
-    if config.ssl_prefer_server_ciphers:
-        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    else:                       # Python turns it on by default; nginx's default is off
-        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-    if not config.ssl_session_tickets:
-        context.options |= ssl.OP_NO_TICKET
-    if config.ssl_dhparam:
-        _apply("ssl_dhparam", context.load_dh_params, config.ssl_dhparam)
-    if config.ssl_ecdh_curve != "auto":
-        _apply("ssl_ecdh_curve", context.set_ecdh_curve, config.ssl_ecdh_curve)
-    context.set_alpn_protocols([config.protocol])
-    _client_verification(context, config)
-    return context
+# -------------------------------------------- cryptography's bindings
+# The one place that reaches past pyOpenSSL's published API, into the
+# OpenSSL functions `cryptography` binds (`OpenSSL._util.lib`) and
+# pyOpenSSL's own handles to them (`_context`, `_ssl`).  Calls that
+# pyOpenSSL does not publish and nginx's directives need:
+#   SSL_CTX_set1_curves_list       ssl_ecdh_curve lists, SSL_CONF Groups/Curves
+#   SSL_CTX_set_verify             with nginx's callback, which always goes on
+#                                  and keeps the error: pyOpenSSL's wrapper
+#                                  clears it, so no resumed session would know
+#   SSL_get_verify_result          the verdict after the handshake, also of a
+#                                  resumed session (a callback sees only new ones)
+#   X509_verify_cert_error_string  its text: FAILED:<reason> (Auth-SSL-Verify)
+#   X509_VERIFY_PARAM_set1_host/ip proxy_ssl_verify's name check, in the handshake
+# Nothing else in mailproxy imports `OpenSSL._util`.
+
+def set_groups(context, groups):
+    """The key exchange groups, a colon-separated list (SSL_CTX_set1_groups_list)."""
+    if not _lib.SSL_CTX_set1_curves_list(context._context, groups.encode()):
+        _lib.ERR_clear_error()          # or a later pyOpenSSL call would report it
+        raise ValueError(f'SSL_CTX_set1_groups_list("{groups}") failed')
 
 
-def _client_verification(context, config):
-    """ssl_verify_client: the handshake asks for a certificate; the session
-    refuses afterwards if `on` and none came (spec 5.3)."""
-    if config.ssl_verify_client == "off":
-        return
-    for directive in ("ssl_client_certificate", "ssl_trusted_certificate"):
-        path = getattr(config, directive)
-        if path:
-            _apply(directive, context.load_verify_locations, path)
-    if config.ssl_crl:
-        _apply("ssl_crl", context.load_verify_locations, config.ssl_crl)
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN    # as nginx: every certificate
-    context.verify_mode = ssl.CERT_OPTIONAL
+@_ffi.callback("int (*)(int, X509_STORE_CTX *)")
+def _go_on(ok, store):
+    return 1
 
 
-def _versions(context, names, directive):
-    unknown = [name for name in names if name not in VERSIONS]
-    if unknown:
-        raise TlsSetupError(directive, f'"{unknown[0]}" is not supported by this OpenSSL')
-    chosen = sorted(VERSIONS[name] for name in names)
-    if chosen[-1] - chosen[0] != len(chosen) - 1:
-        raise TlsSetupError(directive, "versions with a gap between them are not supported "
-                            "(Python's ssl module sets only the lowest and the highest)")
-    try:
-        context.minimum_version, context.maximum_version = chosen[0], chosen[-1]
-    except (ValueError, ssl.SSLError) as exc:
-        raise TlsSetupError(directive, str(exc)) from None
+def verify_and_go_on(context, mode):
+    """Ask for the peer's certificate; whatever fails, the handshake goes
+    on, and the failure stays the verify result (nginx's callback)."""
+    _lib.SSL_CTX_set_verify(context._context, mode, _go_on)
 
 
-def _ciphers(context, ciphers, directive):
-    _apply(directive, context.set_ciphers, ciphers)
+def verify_result(channel):
+    """OpenSSL's verify result code (0: none, or it verified)."""
+    return _lib.SSL_get_verify_result(channel.tls._ssl)
 
 
-def _passwords(path):
-    """ssl_password_file: one passphrase per line, tried in turn.  Without
-    one, an empty passphrase: with None OpenSSL would ask on the terminal,
-    which nginx never does."""
-    if not path:
-        return [""]
-    try:
-        with open(path, encoding="utf-8") as file:
-            return [line.rstrip("\r\n") for line in file if line.rstrip("\r\n")] or [""]
-    except OSError as exc:
-        raise TlsSetupError("ssl_password_file", f'open() "{path}" failed ({exc.strerror})') \
-            from None
+def verify_error_text(code, host=None):
+    """OpenSSL's text for a verify error code, as nginx logs and sends it;
+    a host name mismatch in the words Python's ssl used for it."""
+    if code == _lib.X509_V_ERR_HOSTNAME_MISMATCH and host:
+        return f"Hostname mismatch, certificate is not valid for '{host}'."
+    return _ffi.string(_lib.X509_verify_cert_error_string(code)).decode()
 
 
-def _load_chain(context, cert, key, passwords):
-    for password in passwords:
-        try:
-            context.load_cert_chain(cert, key, password=password)
-            return
-        except ssl.SSLError as exc:
-            error = exc
-        except OSError as exc:
-            raise TlsSetupError("ssl_certificate", f'cannot load certificate "{cert}" or key '
-                                f'"{key}": {exc.strerror}') from None
-    raise TlsSetupError("ssl_certificate_key", f'cannot load certificate "{cert}" with key '
-                        f'"{key}": {error.reason or error}')
-
-
-def _apply(directive, method, *args):
-    try:
-        method(*args)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
-            (exc.args[-1] if exc.args else exc)
-        raise TlsSetupError(directive, f'"{args[0]}": {reason}') from None
-
-
-# ----------------------------------------------------- certificate details
-
-def certificate_headers(channel, verify_mode, pass_cert):
-    """The Auth-SSL-* request headers for a TLS client (spec 2.2)."""
-    headers = [("Auth-SSL", "on")]
-    if channel.version:
-        headers.append(("Auth-SSL-Protocol", channel.version))
-    if channel.cipher:
-        headers.append(("Auth-SSL-Cipher", channel.cipher))
-    if verify_mode == "off":
-        return headers
-    der = channel.peer_certificate()
-    headers.append(("Auth-SSL-Verify", "SUCCESS" if der else "NONE"))
-    if der:
-        headers += describe_certificate(der, pass_cert)
-    return headers
-
-
-def describe_certificate(der, pass_cert=False):
-    """Subject, Issuer (RFC 2253/4514), Serial (hex), Fingerprint (SHA-1),
-    and with auth_http_pass_client_cert the PEM (escaped by auth_http)."""
-    cert = x509.load_der_x509_certificate(der)
-    headers = [("Auth-SSL-Subject", _rfc2253(cert.subject)),
-               ("Auth-SSL-Issuer", _rfc2253(cert.issuer)),
-               ("Auth-SSL-Serial", _serial(cert.serial_number)),
-               ("Auth-SSL-Fingerprint", hashlib.sha1(der).hexdigest())]
-    if pass_cert:
-        headers.append(("Auth-SSL-Cert", escape(ssl.DER_cert_to_PEM_cert(der).encode())))
-    return headers
-
-
-def _rfc2253(name):
-    """A DN as OpenSSL prints it for nginx: RFC 4514 order and escapes,
-    OpenSSL's attribute names, and each byte of a control or non-ASCII
-    character as \\XX (ASN1_STRFLGS_ESC_CTRL | ESC_MSB), so the header
-    is plain ASCII whatever the certificate holds."""
-    text = name.rfc4514_string(OPENSSL_NAMES)
-    return "".join(char if " " <= char < "\x7f" else
-                   "".join(f"\\{byte:02X}" for byte in char.encode()) for char in text)
-
-
-def _serial(number):
-    """The serial as OpenSSL prints it (i2a_ASN1_INTEGER): upper-case hex,
-    two digits per byte, so 0xABCDE is "0ABCDE" as nginx sends it."""
-    digits = format(number, "X")
-    return digits.zfill(len(digits) + len(digits) % 2)
-
-
-def backend_context(config):
-    """The SSLContext toward backends (beyond nginx): proxy_ssl_* settings."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _versions(context, config.proxy_ssl_protocols, "proxy_ssl_protocols")
-    _ciphers(context, config.proxy_ssl_ciphers, "proxy_ssl_ciphers")
-    if config.proxy_ssl_verify:
-        if config.proxy_ssl_trusted_certificate:
-            _apply("proxy_ssl_trusted_certificate", context.load_verify_locations,
-                   config.proxy_ssl_trusted_certificate)
-        else:
-            context.load_default_certs()
+def expect_host(channel, name, is_address):
+    """Make the handshake check that the peer's certificate is for `name`."""
+    param = _lib.SSL_get0_param(channel.tls._ssl)
+    if is_address:
+        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, is_address, len(is_address))
     else:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if config.proxy_ssl_certificate:
-        key = config.proxy_ssl_certificate_key or config.proxy_ssl_certificate
-        try:
-            context.load_cert_chain(config.proxy_ssl_certificate, key)
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or \
-            (exc.args[-1] if exc.args else exc)
-            raise TlsSetupError("proxy_ssl_certificate", f'cannot load certificate '
-                                f'"{config.proxy_ssl_certificate}": {reason}') from None
-    return context
-
-
-class BackendTls:
-    """How one server{} talks TLS to its backends: the context, the name to
-    verify (and send as SNI), and the public-key pins."""
-
-    def __init__(self, config):
-        self.context = backend_context(config)
-        self.implicit = config.proxy_ssl            # else STARTTLS (proxy_starttls)
-        self.verify = config.proxy_ssl_verify
-        self.name = config.proxy_ssl_name
-        self.sni = config.proxy_ssl_server_name
-        self.pins = set(config.proxy_ssl_pin)
-
-    def channel(self, sock, address):
-        """A client-side TlsChannel for a backend at `address`."""
-        name = self.name or address
-        hostname = name if (self.verify or self.sni) else None
-        return TlsChannel(sock, self.context, server_side=False, server_hostname=hostname)
-
-    def check_pin(self, channel):
-        """proxy_ssl_pin: the backend's public key must be one of the pins;
-        a small site's self-signed backend stays protected this way."""
-        if not self.pins:
-            return None
-        cert = x509.load_der_x509_certificate(channel.peer_certificate())
-        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-        if hashlib.sha256(spki).digest() in self.pins:
-            return None
-        return "upstream SSL certificate does not match proxy_ssl_pin (key sha256:" \
-               f"{base64.b64encode(hashlib.sha256(spki).digest()).decode()})"
+        ok = _lib.X509_VERIFY_PARAM_set1_host(param, name.encode(), len(name.encode()))
+    if not ok:
+        raise ValueError(f'cannot verify the name "{name}"')
+    channel.expected_host = name

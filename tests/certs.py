@@ -199,6 +199,22 @@ def make_certs(directory):
     return Certs(directory=str(directory), rsa_encrypted=encrypted.key, crl=str(crl), **pairs)
 
 
+def issue_chain(certs, directory, server=False):
+    """A certificate two intermediate CAs below `certs.ca` (for a server:
+    localhost's): (the file with it and both intermediates, the key file)."""
+    with open(certs.ca.key, "rb") as file:
+        ca_key = serialization.load_pem_private_key(file.read(), None)
+    upper_key, lower_key, key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    upper = _issue(_name("Mailproxy Upper CA"), upper_key, certs.ca.x509, ca_key, ca=True)
+    lower = _issue(_name("Mailproxy Lower CA"), lower_key, upper, upper_key, ca=True)
+    leaf = _write(directory, "leaf", _issue(_name("localhost" if server else "joe"), key,
+                                            lower, lower_key, server=server), key)
+    chain = directory / "chain.crt"
+    chain.write_bytes(leaf.pem + b"".join(ca.public_bytes(serialization.Encoding.PEM)
+                                          for ca in (lower, upper)))
+    return str(chain), leaf.key
+
+
 def _revocation_list(ca, ca_key, revoked):
     entry = (x509.RevokedCertificateBuilder().serial_number(revoked.serial_number)
              .revocation_date(NOW - datetime.timedelta(hours=1)).build())

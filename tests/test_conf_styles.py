@@ -18,9 +18,7 @@ has them) log in through every listener, against the reference auth
 service and the reference backends, with the proxy in this process
 (harness.py) and as a process started from `/`.
 
-The examples keep the lines that wait for the TLS work of issue 15
-(WAITING): a strict xfail says the verbatim examples do not pass `-t` yet,
-and a plain test that nothing else in them is refused.
+The examples themselves, verbatim, pass `-t` too.
 """
 
 import imaplib
@@ -51,9 +49,6 @@ FIXTURES = Path(__file__).resolve().parent / "configs"
 EXAMPLES = ROOT / "examples"
 TIMEOUT = 10                    # seconds for any one client step or process start
 USER, PASSWORD = "alice", "wonderland"
-# The lines of the examples that mailproxy refuses until the TLS work of
-# issue 15 (item 2) lands; the fixtures have them commented out.
-WAITING = re.compile(r"^\s*(ssl_session_cache|ssl_session_timeout)\s.*\n", re.MULTILINE)
 LISTEN = re.compile(r"^(\s*listen\s+)(\d+)\b", re.MULTILINE)
 AUTH_PORT = re.compile(r"^(\s*auth_http\s+(?:http://)?[^:/\s]+:)(\d+)", re.MULTILINE)
 
@@ -151,10 +146,10 @@ class Placed:
         return next(n for n, line in enumerate(lines, 1) if line.strip().startswith(text))
 
 
-def place(style, source, folder, auth_port, certs, drop=None):
+def place(style, source, folder, auth_port, certs):
     """Copy `source` (a style's fixture or example folder) into `folder`:
     free listen ports, the auth service's port, certificates, and the
-    guide's /etc/ssl/certs/ made the folder; `drop` removes lines."""
+    guide's /etc/ssl/certs/ made the folder."""
     ports = {}
 
     def listen(match):
@@ -167,7 +162,6 @@ def place(style, source, folder, auth_port, certs, drop=None):
             text = head + mail + LISTEN.sub(listen, tail)
             text = AUTH_PORT.sub(lambda m: f"{m[1]}{auth_port}", text)
             text = text.replace("/etc/ssl/certs/", f"{folder}/")
-            text = drop.sub("", text) if drop else text
         (folder / path.name).write_text(text)
     cert, key = style.cert_names
     (folder / cert).write_bytes(Path(certs.rsa.cert).read_bytes())
@@ -280,16 +274,6 @@ def test_a_login_through_every_listener_of_the_process_started_from_root(
         assert stderr.read_text().splitlines().count(warning) == 1, stderr.read_text()
 
 
-@pytest.mark.parametrize("style", STYLES, ids=repr)
-def test_the_examples_pass_minus_t_but_for_the_lines_that_wait_for_tls(style, tmp_path,
-                                                                       certs):
-    placed = place(style, style.example, tmp_path / "conf", free_port(), certs, drop=WAITING)
-    result = minus_t(placed.conf)
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.xfail(strict=True, reason="ssl_session_cache shared:... and ssl_session_timeout "
-                                       "wait for the TLS work of issue 15 (item 2)")
 @pytest.mark.parametrize("style", STYLES, ids=repr)
 def test_the_examples_verbatim_pass_minus_t(style, tmp_path, certs):
     placed = place(style, style.example, tmp_path / "conf", free_port(), certs)

@@ -28,7 +28,7 @@ import pytest
 
 pytest.register_assert_rewrite("certs")     # a plugin below, imported before pytest loads it
 import peers
-from certs import Peer, pump, server_context
+from certs import Peer, issue_chain, pump, server_context
 from fakes import ScriptedBackend, ok
 from harness import wait_until
 from mailproxy import imap, smtp
@@ -336,11 +336,11 @@ def test_proxy_ssl_server_name_sends_sni(start_proxy, auth_service, backends, ce
     assert backend.server_names == ["localhost"]
 
 
-def test_proxy_ssl_verify_sends_the_name_as_sni_even_with_server_name_off(
+def test_proxy_ssl_verify_checks_the_name_without_sni_when_server_name_off(
         start_proxy, auth_service, backends, certs):
-    """A limit of Python's ssl: the name to verify is also the SNI name
-    (server_hostname sets both), so `proxy_ssl_server_name off` only holds
-    without verification; nginx's http proxy can verify without SNI."""
+    """As nginx's http proxy (issue 15: on pyOpenSSL the name to verify and
+    the SNI name are apart): `proxy_ssl_server_name off` sends no SNI even
+    while the name is verified."""
     backend = backends(IMPLICIT_IMAP, server_context(certs.rsa))
     auth_service.reply = ok(backend.host, backend.port)
     proxy = start_proxy(["protocol imap; proxy_ssl on; proxy_ssl_server_name off;"],
@@ -350,7 +350,7 @@ def test_proxy_ssl_verify_sends_the_name_as_sni_even_with_server_name_off(
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == b"a OK Logged in\r\n"
     backend.wait()
-    assert backend.server_names == ["localhost"]
+    assert backend.server_names == [None]
 
 
 def test_proxy_ssl_certificate_is_offered_to_the_backend(start_proxy, auth_service, backends,
@@ -456,6 +456,27 @@ def test_a_backend_certificate_for_another_name_is_refused(start_proxy, auth_ser
                         mail=verified(certs, "imap.example.org"))
     refused(proxy)
     proxy.wait_log("upstream SSL certificate verify error: (Hostname mismatch")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_proxy_ssl_verify_depth_limits_the_backends_chain(start_proxy, auth_service, backends,
+                                                          certs, tmp_path, depth):
+    """localhost's certificate two intermediate CAs below the trusted CA:
+    the default depth 1 refuses it (issue 15: honoured on pyOpenSSL)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*issue_chain(certs, tmp_path, server=True))
+    backend = backends(IMPLICIT_IMAP, context)
+    auth_service.reply = ok(backend.host, backend.port)
+    proxy = start_proxy(["protocol imap; proxy_ssl on;"], auth=auth_service.url,
+                        mail=verified(certs) + f"proxy_ssl_verify_depth {depth};")
+    if depth == 1:
+        refused(proxy)
+        proxy.wait_log("upstream SSL certificate verify error: (certificate chain too long)")
+        return
+    with Peer.connect(proxy.port) as client:
+        client.line()
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == b"a OK Logged in\r\n"
 
 
 def test_proxy_ssl_pin_accepts_the_pinned_self_signed_key(start_proxy, auth_service, backends,

@@ -37,6 +37,7 @@ from .. import NGINX_COMPAT, __version__, log as logmod
 from ..config import ConfigError
 from ..listening import close_sockets, open_sockets, socket_plan
 from ..server import drop_privileges, run_worker
+from ..tls_context import prepare as prepare_tls
 from . import metrics
 from .status import open_socket as open_status_socket, serve_process as serve_status
 
@@ -130,6 +131,7 @@ class Master:
 
     def spawn(self, count, config=None):
         config = config or self.config
+        prepare_tls(config)     # here, before fork: the workers share one ticket key
         for _ in range(count):
             slot = self.table.free_slot(self.slots.values())
             if slot is None:
