@@ -13,12 +13,11 @@ is the only module that imports click; everything it calls is plain Python.
 
 import os
 import signal
-import ssl
 import sys
 
 import click
 
-from . import NGINX_COMPAT, __version__, config as configmod, server
+from . import NGINX_COMPAT, __version__, config as configmod, server, tls
 from .ops import master
 
 DEFAULT_CONF = "/etc/mailproxy/mail.conf"
@@ -98,7 +97,7 @@ def _show_version(path, prefix, build):
     if not build:
         return
     folder = os.path.join(os.path.dirname(path), "")
-    click.echo(f"built with Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}", err=True)
+    click.echo(f"built with Python {sys.version.split()[0]}, {tls.library_version()}", err=True)
     click.echo(f"configuration file: {path}", err=True)
     click.echo(f"conf prefix: {folder} (included and TLS files; the configuration "
                "file's folder)", err=True)

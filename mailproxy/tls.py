@@ -50,6 +50,7 @@ import ssl
 import threading
 import time
 
+import OpenSSL
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi, lib as _lib     # see "cryptography's bindings" below
 
@@ -332,6 +333,13 @@ class TlsChannel:
     def peer_x509(self):
         """The peer's certificate as pyOpenSSL's X509 (OpenSSL's parse)."""
         return self.tls.get_peer_certificate()
+
+
+def library_version():
+    """What -V prints: the TLS library and the OpenSSL it runs on (the one
+    in cryptography's wheel, not the system's), as nginx names its OpenSSL."""
+    openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    return f"pyOpenSSL {OpenSSL.__version__} with {openssl}"
 
 
 def describe(exc):

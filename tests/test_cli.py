@@ -9,12 +9,13 @@ install, answers clients, quits on SIGQUIT and reports a port in use.
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import OpenSSL
+import OpenSSL.SSL
 import pytest
 from click.testing import CliRunner
 
@@ -193,7 +194,8 @@ def test_version_and_build_details():
     version = sys.version.split()[0]
     assert said(result) == [
         f"mailproxy version: mailproxy/{__version__} ({NGINX_COMPAT})",
-        f"built with Python {version}, {ssl.OPENSSL_VERSION}",
+        f"built with Python {version}, pyOpenSSL {OpenSSL.__version__} with "
+        f"{OpenSSL.SSL.OpenSSL_version(OpenSSL.SSL.OPENSSL_VERSION).decode()}",
         "configuration file: /etc/mailproxy/mail.conf",
         "conf prefix: /etc/mailproxy/ (included and TLS files; the configuration file's "
         "folder)",
