@@ -728,6 +728,42 @@ def test_fast_stop_does_not_wait_for_a_silent_auth_service(start, auth):
         assert time.monotonic() - began < 1
 
 
+def test_fast_stop_cuts_a_backend_connect_in_progress(start, auth):
+    """A backend whose accept queue is full never answers the SYN, so the
+    proxy's connect() waits (here `timeout 60s`).  The session holds that
+    socket before connecting, and a fast stop's shutdown() ends the connect:
+    the stop is over long before the timeout, and the session says so."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full:
+        port = full.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        auth.reply = fakes.ok("127.0.0.1", port)
+        proxy = start("timeout 60s;", auth=auth.url)
+        with greeted(proxy) as client:
+            client.send(b"a LOGIN joe secret\r\n")
+            proxy.wait_log("connecting to upstream")
+            proxy.stop()                    # harness: the proxy must be gone within 15 s
+            assert client.closed()
+        for filler in fillers:
+            filler.close()
+    assert "closed by stop" in proxy.log()
+
+
+def test_fast_stop_cuts_an_auth_wait(start, auth):
+    """A refusal with `Auth-Wait: 60`: the session sleeps, watching the
+    client; a fast stop shuts the client's socket, which ends the wait."""
+    auth.reply = fakes.fail("Invalid login or password", wait=60)
+    proxy = start(auth=auth.url)
+    with greeted(proxy) as client:
+        client.send(b"a LOGIN joe wrong\r\n")
+        proxy.wait_log("client login failed")
+        proxy.stop()                        # harness: the proxy must be gone within 15 s
+        assert client.closed()
+    assert "closed by stop" in proxy.log()
+
+
 def test_fast_stop_cuts_a_relayed_session(through):
     proxy, fake = through(login_steps() + [("sleep", 5)])
     with greeted(proxy) as client:
