@@ -178,6 +178,24 @@ def test_reload_logs_the_warnings_of_the_new_config(master):
                                   for line in master.log().splitlines())), master.log()
 
 
+def test_reload_to_another_pid_file_writes_it_and_removes_the_old(master):
+    """nginx writes the new pid file and deletes the old one (issue 17)."""
+    moved = master.tmp / "moved.pid"
+    master.conf.write_text(master.conf.read_text().replace(str(master.pid_path), str(moved)))
+    master.signal(signal.SIGHUP)
+    assert wait_until(lambda: moved.exists() and not master.pid_path.exists()), master.log()
+    assert int(moved.read_text()) == master.process.pid
+
+
+def test_reload_to_a_pid_file_that_cannot_be_written_keeps_the_old_config(master):
+    master.conf.write_text(master.conf.read_text().replace(
+        str(master.pid_path), str(master.tmp / "missing" / "x.pid")))
+    master.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload failed, keeping the old configuration" in master.log())
+    assert int(master.pid_path.read_text()) == master.process.pid
+    assert capability(master.port) == b"* CAPABILITY IMAP4rev1 FIRST AUTH=PLAIN\r\n"
+
+
 def test_graceful_quit_waits_for_the_open_session(master):
     client = logged_in(master.port)
     master.signal(signal.SIGQUIT)

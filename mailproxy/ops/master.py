@@ -218,6 +218,7 @@ class Master:
             if config.status_listen != self.config.status_listen and config.status_listen:
                 status_socket = open_status_socket(config.status_listen)
             sockets = open_sockets(socket_plan(config), existing=self.sockets)
+            old_pid_file = self._move_pid_file(config)
         except (ConfigError, OSError) as exc:
             if status_socket is not self.status_socket:
                 status_socket.close()
@@ -237,6 +238,8 @@ class Master:
             self.status_socket = status_socket if config.status_listen else None
             if self.status_socket:
                 self.start_status()
+        if old_pid_file:
+            _unlink(old_pid_file)
         self.spawn(config.worker_processes)
         self.mark_draining(only=old)
         self.signal_workers(signal.SIGQUIT, only=old)
@@ -312,9 +315,30 @@ class Master:
             with open(self.config.resolve(self.config.pid), "w") as file:
                 file.write(f"{os.getpid()}\n")
 
+    def _move_pid_file(self, config):
+        """A reload that names another `pid` file writes it (an OSError
+        fails the reload, which keeps the old configuration, as nginx's
+        does); the old file's path is returned, to be removed once the
+        reload is done.  None when the pid file stays where it was."""
+        old = self.config.resolve(self.config.pid) if self.config.pid else None
+        new = config.resolve(config.pid) if config.pid else None
+        if new == old:
+            return None
+        if new:
+            with open(new, "w") as file:
+                file.write(f"{os.getpid()}\n")
+        return old
+
     def _remove_pid(self):
         if self.config.pid:
             try:
                 os.unlink(self.config.resolve(self.config.pid))
             except OSError:
                 pass
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
