@@ -22,7 +22,9 @@ nginx); its format is documented in docs/operations.md.
 """
 
 import logging
+import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -155,11 +157,14 @@ class Destinations:
         logger.setLevel(min(LEVELS[level] for _, level in error_logs))
         logger.propagate = False
 
-    def reopen(self):
+    def reopen(self, owner=None):
         """Files only: a syslog socket has nothing to reopen.  A file that
         cannot be opened again (a worker that gave up root may not create
         it) keeps the old one, and says so there: losing the log is better
-        than losing the process."""
+        than losing the process.  `owner` (the master, for workers that run
+        as `user`): each file is given to that uid and made readable and
+        writable by it, as nginx's master does, so that the workers can
+        open it in turn."""
         for handler in self.handlers.values():
             if not isinstance(handler, logging.FileHandler):
                 continue
@@ -174,12 +179,25 @@ class Destinations:
                     handler.stream.flush()
                     continue
                 handler.setStream(stream).close()
+                if owner is not None:
+                    _give(handler.baseFilename, owner)
             finally:
                 handler.release()
 
     def close(self):
         for handler in self.handlers.values():
             handler.close()
+
+
+def _give(path, uid):
+    """chown the file to `uid` (its group stays) with owner read and write."""
+    try:
+        info = os.stat(path)
+        if info.st_uid != uid:
+            os.chown(path, uid, -1)
+        os.chmod(path, info.st_mode | stat.S_IRUSR | stat.S_IWUSR)
+    except OSError:
+        pass                    # the worker then says so in the file it keeps
 
 
 def setup(config):

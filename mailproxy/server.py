@@ -372,6 +372,13 @@ def run_worker(config, sockets, meter=None):
     return worker.serve()
 
 
+def worker_uid(user):
+    """The uid the workers run as (`user`), or None when they keep ours."""
+    if user is None or os.geteuid() != 0:
+        return None
+    return pwd.getpwnam(user[0]).pw_uid
+
+
 def drop_privileges(user):
     """`user name [group];`: only root can, and must, give its rights away."""
     if user is None or os.geteuid() != 0:

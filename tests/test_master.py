@@ -10,10 +10,14 @@ SIGUSR1 after the log file was moved.
 
 import hashlib
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +27,7 @@ from harness import Client, free_port, wait_until
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGIN = IMAP_LOGIN_THEN_ECHO
 CONFIG = """\
-worker_processes 2;
+{top}worker_processes 2;
 error_log {log} info;
 pid {pid};
 mail {{
@@ -36,8 +40,8 @@ mail {{
 class Master:
     """`python mailproxy.py -c CONF` with two workers, and its children."""
 
-    def __init__(self, tmp_path, auth_url, caps="IMAP4rev1 FIRST"):
-        self.tmp = tmp_path
+    def __init__(self, tmp_path, auth_url, caps="IMAP4rev1 FIRST", top=""):
+        self.tmp, self.top = tmp_path, top
         self.port = free_port()
         self.log_path = tmp_path / "error.log"
         self.pid_path = tmp_path / "mailproxy.pid"
@@ -50,7 +54,7 @@ class Master:
             self.log()
 
     def write(self, caps):
-        self.conf.write_text(CONFIG.format(log=self.log_path, pid=self.pid_path,
+        self.conf.write_text(CONFIG.format(top=self.top, log=self.log_path, pid=self.pid_path,
                                            auth=self.auth, port=self.port, caps=caps))
 
     def workers(self):
@@ -237,3 +241,27 @@ def test_usr1_reopens_the_log_after_it_was_moved(master):
         pass
     assert wait_until(lambda: "client logged in" in master.log(), timeout=10)
     assert "reopening logs" in moved.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="workers run as another user only under root")
+def test_usr1_gives_the_reopened_log_to_the_worker_user(peers):
+    """With `user nobody`, the master recreates error.log as root and gives
+    it to nobody before the workers reopen it, as nginx's master does."""
+    folder = Path(tempfile.mkdtemp(prefix="mp-user-", dir="/tmp"))
+    folder.chmod(0o755)                 # the workers (nobody) must reach the file
+    auth, _ = peers
+    running = Master(folder, auth.url[len("http://"):], top="user nobody nogroup;\n")
+    try:
+        moved = folder / "error.log.1"
+        os.rename(running.log_path, moved)
+        running.signal(signal.SIGUSR1)
+        assert wait_until(lambda: not any(writes_to(pid, moved)
+                                          for pid in running.workers()), timeout=10)
+        assert running.log_path.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+        with logged_in(running.port):
+            pass
+        assert wait_until(lambda: "client logged in" in running.log(), timeout=10)
+        assert "failed" not in moved.read_text().split("reopening logs")[-1]
+    finally:
+        running.stop()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -36,7 +36,7 @@ import time
 from .. import NGINX_COMPAT, __version__, log as logmod
 from ..config import ConfigError
 from ..listening import close_sockets, open_sockets, socket_plan
-from ..server import drop_privileges, run_worker
+from ..server import drop_privileges, run_worker, worker_uid
 from ..tls_context import prepare as prepare_tls
 from . import metrics
 from .status import open_socket as open_status_socket, serve_process as serve_status
@@ -115,7 +115,7 @@ class Master:
             self.stop("stop", signal.SIGTERM)
         elif signo == signal.SIGUSR1:
             self.log.log(logmod.NOTICE, "reopening logs")
-            self.destinations.reopen()
+            self.destinations.reopen(owner=worker_uid(self.config.user))
             self.signal_workers(signal.SIGUSR1)
 
     def stop(self, how, signo):
