@@ -20,14 +20,16 @@ import signal
 import socket
 import subprocess
 import sys
+import select
 import threading
+import time
 
 import pytest
 
 from fakes import ScriptedAuthService, ScriptedBackend, fail, ok
 from harness import Client, RunningProxy, free_port, wait_until
 from mailproxy import imap
-from mailproxy.ops import metrics
+from mailproxy.ops import metrics, status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
@@ -555,3 +557,36 @@ def test_a_single_process_serves_the_page_itself(tmp_path, peers):
         assert max_open_files(single.process.pid) == [NOFILE, NOFILE]
     finally:
         assert single.stop() == 0
+
+
+# ------------------------------------------------ one client cannot hold it
+
+def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers):
+    """Ten idle connections and one that drips a byte a second: a scrape
+    is still answered at once (each connection has its own thread), and
+    the dripping one is cut when REQUEST_TIMEOUT is used up in all, not
+    re-armed by every byte."""
+    auth, _ = peers
+    proxy, port = start(tmp_path, auth)
+    idlers = [socket.create_connection((LOOPBACK, port), timeout=10) for _ in range(10)]
+    dripper = socket.create_connection((LOOPBACK, port), timeout=10)
+    try:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=2)    # < REQUEST_TIMEOUT
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 200
+        conn.close()
+        for count, byte in enumerate(b"GET /metrics HTTP/1.0\r\n\r\n"):
+            if readable(dripper):           # the server ended it (EOF reads)
+                break
+            dripper.send(bytes([byte]))
+            time.sleep(1)
+        assert dripper.recv(100) == b""     # cut, never answered
+        assert count <= status.REQUEST_TIMEOUT + 1
+    finally:
+        for sock in idlers + [dripper]:
+            sock.close()
+        proxy.stop()
+
+
+def readable(sock):
+    return bool(select.select([sock], [], [], 0)[0])

@@ -15,9 +15,12 @@ configuration but the address: a reload replaces it only when
 `worker_processes 1` there is no master, and the page is served by a
 thread of the one process (`server.Worker`).
 
-The server answers one request at a time, each bounded by
-REQUEST_TIMEOUT: a status page needs no concurrency, and a single thread
-cannot be made to grow by a flood of connections.  Only GET and HEAD are
+The server is a ThreadingMixIn HTTPServer: each connection in a daemon
+thread, at most MAX_CLIENTS at once (more are closed at once), so one slow
+or idle client cannot hold up a scrape; and each request, reading and
+writing, has REQUEST_TIMEOUT in all, not per read: a watchdog shuts the
+connection down when it is used up, so a client dripping a byte at a time
+cannot keep its slot.  Only GET and HEAD are
 answered (http.server replies 501 to anything else).  The address is
 loopback unless the directive names another one.  A status process whose
 master has died (SIGKILL, the OOM killer) exits within POLL_INTERVAL, so
@@ -28,6 +31,7 @@ import http.server
 import os
 import socket
 import socketserver
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -35,6 +39,7 @@ from .. import __version__
 from . import metrics as m
 
 REQUEST_TIMEOUT = 5.0       # seconds one status request may take, reading and writing
+MAX_CLIENTS = 16            # connections served at once; a scraper or two, and people
 POLL_INTERVAL = 0.5         # how often serve_forever looks for shutdown()
 BACKLOG = 16                # a scraper or two, and a person with curl
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,6 +53,23 @@ class StatusHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"mailproxy/{__version__}"
     sys_version = ""
     timeout = REQUEST_TIMEOUT
+
+    def setup(self):
+        super().setup()
+        self.watchdog = threading.Timer(REQUEST_TIMEOUT, self.cut)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def finish(self):
+        self.watchdog.cancel()
+        super().finish()
+
+    def cut(self):
+        """REQUEST_TIMEOUT is over: end the connection, whatever it waits for."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def do_GET(self):
         body = self.send_page()
@@ -80,16 +102,37 @@ class MasterGone(Exception):
     """The status process's parent is no longer the master."""
 
 
-class StatusServer(http.server.HTTPServer):
+class StatusServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """The pages, served on a socket opened elsewhere (by the master,
     before it forked us, or by a single-process Worker).  `master`, in a
-    status process, is the pid it must outlive no longer."""
+    status process, is the pid it must outlive no longer.  Daemon threads,
+    not waited for at close: each ends within REQUEST_TIMEOUT anyway."""
+
+    daemon_threads = True
+    block_on_close = False
 
     def __init__(self, sock, table, master=None):
         socketserver.BaseServer.__init__(self, sock.getsockname()[:2], StatusHandler)
         self.socket = sock
         self.table = table
         self.master = master
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)      # MAX_CLIENTS are being served
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def service_actions(self):
         """serve_forever calls this between polls."""
