@@ -200,6 +200,21 @@ def test_reload_to_a_pid_file_that_cannot_be_written_keeps_the_old_config(master
     assert capability(master.port) == b"* CAPABILITY IMAP4rev1 FIRST AUTH=PLAIN\r\n"
 
 
+def test_reload_to_an_error_log_that_cannot_be_opened_keeps_the_old_config(master):
+    """The master opens every log file of the new configuration before it
+    commits to it; one that fails is a failed reload, not a dead master."""
+    workers = set(master.workers())
+    missing = master.tmp / "missing" / "error.log"
+    master.conf.write_text(master.conf.read_text().replace(
+        "mail {", f"mail {{\n    error_log {missing} info;", 1))
+    master.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload failed, keeping the old configuration" in master.log())
+    assert f'open() "{missing}" failed (2: No such file or directory)' in master.log()
+    assert master.process.poll() is None and set(master.workers()) == workers
+    assert int(master.pid_path.read_text()) == master.process.pid
+    assert capability(master.port) == b"* CAPABILITY IMAP4rev1 FIRST AUTH=PLAIN\r\n"
+
+
 def test_graceful_quit_waits_for_the_open_session(master):
     client = logged_in(master.port)
     master.signal(signal.SIGQUIT)

@@ -212,25 +212,29 @@ class Master:
     def reload(self):
         """SIGHUP: new workers with the new config, old ones quit gracefully."""
         self.log.log(logmod.NOTICE, "reconfiguring")
-        status_socket = self.status_socket
+        status_socket, destinations, sockets = self.status_socket, None, {}
         try:
             config = self.reload_config()
             if config.status_listen != self.config.status_listen and config.status_listen:
                 status_socket = open_status_socket(config.status_listen)
+            destinations, log, _ = logmod.setup(config)     # every log file opens, or no reload
             sockets = open_sockets(socket_plan(config), existing=self.sockets)
             old_pid_file = self._move_pid_file(config)
         except (ConfigError, OSError) as exc:
+            if destinations:
+                destinations.close()
             if status_socket is not self.status_socket:
                 status_socket.close()
-            self.log.error("reload failed, keeping the old configuration: %s",
-                           exc.strerror if isinstance(exc, OSError) else exc)
+            close_sockets({key: sock for key, sock in sockets.items()
+                           if key not in self.sockets})
+            self.log.error("reload failed, keeping the old configuration: %s", _why(exc))
             return
         old = self.config
         close_sockets({key: sock for key, sock in self.sockets.items()
                        if key not in sockets})      # the old workers keep their own copies
         self.config, self.sockets = config, sockets
         self.destinations.close()
-        self.destinations, self.log, _ = logmod.setup(config)
+        self.destinations, self.log = destinations, log
         for warning in config.warnings:     # the [warn] lines -t prints
             self.log.warning("%s", warning)
         if config.status_listen != old.status_listen:
@@ -342,3 +346,10 @@ def _unlink(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+def _why(exc):
+    """A failed reload's reason, in nginx's words for a file it could not open."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f'open() "{exc.filename}" failed ({exc.errno}: {exc.strerror})'
+    return exc.strerror if isinstance(exc, OSError) else str(exc)
