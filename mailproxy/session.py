@@ -159,8 +159,6 @@ class Session(socketserver.BaseRequestHandler):
         except TooLong as exc:
             self.ended("invalid")
             self.log.info("client sent too long command")
-            if self.tracer:
-                self.tracer.refused()
             self.send_quietly(self.too_long_reply(exc.head))
         except ssl.SSLError as exc:
             self.ended("tls")
@@ -176,6 +174,8 @@ class Session(socketserver.BaseRequestHandler):
             self.ended("error")
             self.log.exception("unexpected error")
             self.send_quietly(self.INTERNAL_ERROR)
+        if self.tracer:     # a command left half read is ***; the replies after it
+            self.tracer.refused()
         if self.log.isEnabledFor(logging.INFO):    # the summary is worth skipping
             self.log.info("session done: %s", self.summary())
 
