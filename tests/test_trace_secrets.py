@@ -47,11 +47,11 @@ class TracedProxy:
     """One proxy, six listeners; `run` plays one session and returns its log lines."""
 
     def __init__(self, proxy):
-        self.proxy, self.done = proxy, 0
+        self.proxy, self.seen = proxy, 0     # bytes of the log already read
 
     def run(self, protocol, data, only=False):
         """Send `data` and the goodbye at once, then end the client's half;
-        read to EOF; the trace lines of that session."""
+        read to EOF; (the session's trace lines, the log it wrote)."""
         port = self.proxy.ports[LISTENERS[protocol] + (3 if only else 0)]
         with Client(port) as client:
             client.line()
@@ -59,11 +59,17 @@ class TracedProxy:
             client.sock.shutdown(socket.SHUT_WR)
             while not client.closed():
                 pass
-        self.done += 1
-        assert wait_until(lambda: self.proxy.log().count("session done:") >= self.done)
-        log = self.proxy.log()
-        number = re.findall(r"\*(\d+) session done:", log)[-1]
-        return re.findall(rf"\*{number} ([CSPB]: .*) while ", log), log
+        assert wait_until(lambda: b"session done:" in self.new_log())
+        log = self.new_log()
+        self.seen += len(log)
+        log = log.decode("utf-8", "replace")
+        return re.findall(r"\*\d+ ([CSPB]: .*) while ", log), log
+
+    def new_log(self):
+        """What the log gained since the last session (sessions run one at a time)."""
+        with open(self.proxy.log_path, "rb") as log:
+            log.seek(self.seen)
+            return log.read()
 
 
 @pytest.fixture(scope="module")
