@@ -11,7 +11,9 @@ One login, followed through the modules in the order it touches them:
                   connection, which runs
     session.py    the protocol-independent dialogue: greet, read commands
                   under the `timeout` deadline, dispatch them to
-    imap.py       the protocol's own verbs (pop3.py and smtp.py likewise),
+    imap.py       the protocol's own verbs (pop3.py and smtp.py likewise;
+                  words.py says, once for parsers, traces and logs, what
+                  separates words, what ends a line, what a literal is),
     sasl.py       which decode credentials (PLAIN, LOGIN, CRAM-MD5, ...);
     login.py      then takes the credentials on:
     auth_http.py  the auth service says yes (and to which backend) or no;

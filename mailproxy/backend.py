@@ -22,6 +22,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from . import words
 from .log import LEVELS
 from .stream import Closed, Stream, TooLong
 
@@ -347,5 +348,5 @@ def xtext(value):
 
 def _printable(line):
     """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
-    text = line.rstrip(b"\r\n")[:200].decode("utf-8", "backslashreplace")
+    text = words.line_body(line)[:200].decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

@@ -11,7 +11,7 @@ literals included, must fit in `imap_client_buffer`.
 
 import re
 
-from . import backend
+from . import backend, words
 from .sasl import Credentials, SaslError
 from .session import Command, Rejected, Session
 from .stream import TooLong
@@ -27,8 +27,10 @@ OK = b"OK completed"
 INVALID = b"BAD invalid command"
 MAX_ARGUMENTS = 3                       # nginx rejects a fourth at parse time
 TAG = re.compile(rb"[A-Za-z0-9._-]{1,32}")
-LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}")   # only at the end of a line
-LITERAL_AT_END = re.compile(rb"\{\d+\+?\}$")
+# What a trace hides (ops/trace.py): LOGIN's password, AUTHENTICATE's
+# initial response.
+SECRETS = {"LOGIN": words.Secret(public=1, counts=(2,)),
+           "AUTHENTICATE": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 AUTH_ORDER = (("plain", b"AUTH=PLAIN"), ("login", b"AUTH=LOGIN"),
               ("cram-md5", b"AUTH=CRAM-MD5"), ("external", b"AUTH=EXTERNAL"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}    # even when imap_auth does not list them
@@ -56,6 +58,7 @@ class ImapSession(Session):
     INTERNAL_ERROR = INTERNAL_ERROR
     NO_CERTIFICATE = NO_CERTIFICATE
     CERTIFICATE_ERROR = CERTIFICATE_ERROR
+    SECRETS = SECRETS
     BLOCKED_BEFORE_TLS = frozenset({"LOGIN", "AUTHENTICATE"})
     STATES = {"start": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "LOGIN", "AUTHENTICATE",
                         "STARTTLS"}}
@@ -70,49 +73,54 @@ class ImapSession(Session):
     def read_command(self):
         limit = self.command_limit()
         line = self.client.readline(limit)
-        body = _strip_line_end(line)
-        tag, space, rest = body.partition(b" ")
+        body = words.line_body(line)
+        tag, space, rest = body.partition(words.SP)
         if not space or not TAG.fullmatch(tag):
             raise _invalid(b"*", body)
-        verb, _, rest = rest.partition(b" ")
-        if b"\r" in body or not verb.isalpha() or verb.upper().decode() not in self.handlers:
+        verb, rest = words.first_word(rest)
+        if words.has_bare_cr(body) or not verb.isalpha() \
+                or verb.upper().decode() not in self.handlers:
             raise _invalid(tag, body)
-        verb = verb.upper().decode()
-        if verb == "ID":
+        if verb.upper() == b"ID":
             return self.id_command(tag, body)
-        args = self.read_arguments(tag, rest.lstrip(b" "), limit - len(line))
-        return Command(verb, args, tag)
+        written = []
+        args = self.read_arguments(tag, rest, limit - len(line), written)
+        return Command(verb.upper().decode(), args, tag, line=tag + words.SP + verb,
+                       written=written)
 
     def id_command(self, tag, body):
         """ID's argument is a parenthesized list (RFC 2971), which nginx's
         parser does not know; the proxy ignores it, so it is not parsed.
         A literal in it cannot be skipped safely: refuse that line."""
-        if LITERAL_AT_END.search(body):
+        if words.ends_with_literal(body):
             raise _invalid(tag, body)
-        return Command("ID", (), tag)
+        return Command("ID", (), tag, line=body)
 
-    def read_arguments(self, tag, rest, room):
+    def read_arguments(self, tag, rest, room, written):
         """Atoms, quoted strings and literals; `room` is what is left of
-        the command buffer.  Literals read their bytes and the line after."""
+        the command buffer.  Literals read their bytes and the line after.
+        `written` gets each argument as the client wrote it (a literal as
+        `{N}`), for the trace."""
         args = []
         while rest:
             if len(args) == MAX_ARGUMENTS:
                 raise _invalid(tag, rest)
             if rest.startswith(b'"'):
-                value, rest = _quoted(tag, rest)
+                value, after = _quoted(tag, rest)
             elif rest.startswith(b"{"):
-                value, rest, room = self.read_literal(tag, rest, room)
+                value, after, room = self.read_literal(tag, rest, room)
             else:
-                value = rest.split(b" ", 1)[0]     # an atom: anything up to SP
-                rest = rest[len(value):]
-            if rest and not rest.startswith(b" "):
-                raise _invalid(tag, rest)
+                value = rest.split(words.SP, 1)[0]     # an atom: anything up to SP
+                after = rest[len(value):]
+            written.append(rest if rest.startswith(b"{") else rest[:len(rest) - len(after)])
+            if after and not after.startswith(words.SP):
+                raise _invalid(tag, after)
             args.append(value)
-            rest = rest.lstrip(b" ")
+            rest = after.lstrip(words.SP)
         return args
 
     def read_literal(self, tag, rest, room):
-        match = LITERAL.fullmatch(rest)
+        match = words.LITERAL.fullmatch(rest)
         if not match:
             raise _invalid(tag, rest)
         size, non_sync = int(match.group(1)), match.group(2)
@@ -125,8 +133,8 @@ class ImapSession(Session):
             line = self.client.readline(room - size)
         except TooLong:         # what follows a literal is data, not a tag to echo
             raise TooLong(tag + b" ") from None
-        rest = _strip_line_end(line)
-        if b"\r" in rest:       # a bare CR, refused here as on the first line (spec 3.0)
+        rest = words.line_body(line)
+        if words.has_bare_cr(rest):       # a bare CR, refused here as on the first line (spec 3.0)
             raise _invalid(tag, rest)
         # After the literal only SP or the line end may follow (nginx 1.29.6).
         return value, rest, room - size - len(line)
@@ -196,8 +204,8 @@ class ImapSession(Session):
                                   self.config.proxy_buffer, self.set_step, starttls)
 
 
-def _capability(words):
-    return b"* CAPABILITY " + b" ".join(words) + b"\r\n"
+def _capability(items):
+    return b"* CAPABILITY " + b" ".join(items) + b"\r\n"
 
 
 def _tagged(tag, text):
@@ -212,12 +220,6 @@ def _invalid(tag, body):
     """A parser-level error: counted, and fatal after a non-synchronizing
     literal, whose bytes would otherwise run as commands (spec 3.1)."""
     return Rejected(_tagged(tag, INVALID), counted=True, close=body.endswith(b"+}"))
-
-
-def _strip_line_end(line):
-    """The line without LF or CRLF (a CR elsewhere is for the parser to refuse)."""
-    line = line[:-1] if line.endswith(b"\n") else line
-    return line[:-1] if line.endswith(b"\r") else line
 
 
 def _quoted(tag, rest):

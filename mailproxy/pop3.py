@@ -2,11 +2,12 @@
 
 The proxy answers CAPA, AUTH (the method list), NOOP and QUIT itself and
 takes credentials from USER/PASS, APOP or AUTH.  The parser follows nginx
-(spec 3.2): a four-letter keyword, at most three arguments, and for USER
-and PASS everything after the keyword is one argument, spaces included.
+(spec 3.2): a four-letter keyword, at most three arguments separated by
+SP (words.py), and for USER and PASS everything after the keyword is one
+argument, spaces included.
 """
 
-from . import backend
+from . import backend, words
 from .sasl import Credentials, SaslError, apop
 from .session import Command, Rejected, Session
 
@@ -24,6 +25,9 @@ END = b".\r\n"
 COMMAND_LIMIT = 128
 MAX_ARGUMENTS = 3
 WHOLE_LINE_ARGUMENT = {"USER", "PASS"}  # "USER my user" logs in as "my user"
+SECRETS = {"PASS": words.Secret(),      # what a trace hides (ops/trace.py)
+           "APOP": words.Secret(public=1, counts=(2,)),
+           "AUTH": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 SASL_ORDER = (("plain", b"PLAIN"), ("plain", b"LOGIN"),   # `plain` enables LOGIN too
               ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}
@@ -60,6 +64,7 @@ class Pop3Session(Session):
     BLOCKED_BEFORE_TLS = frozenset({"USER", "APOP", "AUTH"})
     STATES = {"start": {"USER", "APOP", "AUTH", "CAPA", "NOOP", "QUIT", "STLS"},
               "user": {"PASS", "CAPA", "NOOP", "QUIT"}}
+    SECRETS = SECRETS
     prepare = Texts
     user = b""
 
@@ -71,19 +76,17 @@ class Pop3Session(Session):
             self.send(GREETING + b"\r\n")
 
     def read_command(self):
-        body = self.client.readline(COMMAND_LIMIT).rstrip(b"\n")
-        body = body[:-1] if body.endswith(b"\r") else body
-        verb, _, rest = body.partition(b" ")
-        if b"\r" in body or len(verb) != 4 or not verb.isalpha():
+        body = words.line_body(self.client.readline(COMMAND_LIMIT))
+        verb, rest = words.first_word(body)
+        if words.has_bare_cr(body) or len(verb) != 4 or not verb.isalpha():
             raise Rejected(INVALID, counted=True)
         verb = verb.upper().decode()
-        rest = rest.lstrip(b" ")
         if verb in WHOLE_LINE_ARGUMENT:
-            return Command(verb, [rest] if rest else [])
-        args = rest.split()
+            return Command(verb, [rest] if rest else [], line=body)
+        args = words.split_words(rest)
         if len(args) > MAX_ARGUMENTS:
             raise Rejected(INVALID, counted=True)
-        return Command(verb, args)
+        return Command(verb, args, line=body)
 
     # --------------------------------------------------------- commands
 

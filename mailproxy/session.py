@@ -11,7 +11,8 @@ dialogue:
 IMAP, POP3 and SMTP subclass it.  A subclass supplies its texts (greeting,
 internal-error line), `read_command()` (its parser), the `do_<VERB>`
 methods (found by name once, when the class is made), the `STATES` table of
-which verbs are legal when, and the hooks at the end of the class.  A
+which verbs are legal when, the `SECRETS` table of which arguments a trace
+hides (words.Secret), and the hooks at the end of the class.  A
 handler that has taken credentials returns them (sasl.Credentials); the
 command loop then hands them to login.log_in(), and the handler itself
 never talks to the auth service or the backend.
@@ -64,12 +65,16 @@ class InternalError(Exception):
 
 
 class Command:
-    """A parsed client command: its tag (IMAP only), verb and arguments."""
+    """A parsed client command: its tag (IMAP only), verb and arguments.
+    `line` is the command as written up to its arguments or, with no
+    `written`, the whole line; `written` holds the arguments as written
+    (IMAP: quotes kept, a literal as `{N}`), for the trace."""
 
-    __slots__ = ("tag", "verb", "args", "line")
+    __slots__ = ("tag", "verb", "args", "line", "written")
 
-    def __init__(self, verb, args=(), tag=None, line=b""):
+    def __init__(self, verb, args=(), tag=None, line=b"", written=None):
         self.tag, self.verb, self.args, self.line = tag, verb, list(args), line
+        self.written = written
 
     def __repr__(self):         # never the arguments: they may be a password
         return f"<Command {self.verb} ({len(self.args)} args)>"
@@ -88,6 +93,7 @@ class Session(socketserver.BaseRequestHandler):
     NO_CERTIFICATE = b""            # ssl_verify_client on, and none was sent
     CERTIFICATE_ERROR = b""         # on or optional, and the certificate failed
     BLOCKED_BEFORE_TLS = frozenset()    # verbs `starttls only` refuses in clear text
+    SECRETS = {}                    # verb -> words.Secret: what a trace hides
     STATES = {"start": ()}          # state -> verbs accepted in it
     needs_backend_password = True   # IMAP/POP3 must have a clear-text password
     handlers = {}
@@ -173,6 +179,8 @@ class Session(socketserver.BaseRequestHandler):
             self.ended("error")
             self.log.exception("unexpected error")
             self.send_quietly(self.INTERNAL_ERROR)
+        if self.tracer:     # a command left half read is ***; the replies after it
+            self.tracer.refused()
         if self.log.isEnabledFor(logging.INFO):    # the summary is worth skipping
             self.log.info("session done: %s", self.summary())
 
@@ -211,6 +219,8 @@ class Session(socketserver.BaseRequestHandler):
             command = self.read_command()
             self.log.debug("client command %s in %s state", command.verb, self.state)
             handler = self.handlers.get(command.verb)
+            if self.tracer:
+                self.tracer.command(command, self.SECRETS.get(command.verb), bool(handler))
             if handler is None:
                 raise Rejected(self.invalid_reply(command), counted=True)
             if command.verb not in self.STATES[self.state]:
@@ -222,6 +232,8 @@ class Session(socketserver.BaseRequestHandler):
                 self.ended("quit")
             return credentials
         except Rejected as exc:
+            if self.tracer:
+                self.tracer.refused()   # the parser's: nothing is pending after a handler's
             self.reject(exc)
             return None
 
@@ -355,13 +367,20 @@ class Session(socketserver.BaseRequestHandler):
         """Run a SASL exchange; `continuation(challenge)` makes the protocol's
         `+ ...` or `334 ...` line.  Returns Credentials; raises SaslError."""
         exchange = EXCHANGES[mechanism](initial, self.salt)
+        failed = True
+        if self.tracer:
+            self.tracer.sasl(True)
         try:
             challenge = next(exchange)
             while True:
                 self.send(continuation(challenge))
                 challenge = exchange.send(self.client.readline(limit))
         except StopIteration as done:
+            failed = False
             return done.value
+        finally:
+            if self.tracer:
+                self.tracer.sasl(False, failed)
 
     def new_salt(self):
         """The session's one salt (spec 2.2), made on first use."""

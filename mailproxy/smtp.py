@@ -8,11 +8,12 @@ Two kinds of client meet the proxy on SMTP:
   `none`), carrying the HELO name, MAIL FROM and RCPT TO lines so the auth
   service can choose the backend per recipient.
 
+Words are separated by SP only (words.py), as nginx's parser.
 Before the greeting the client's host name is looked up (ops/resolver.py) and,
 with `smtp_greeting_delay`, a client that talks first is turned away.
 """
 
-from . import backend
+from . import backend, words
 from .auth_http import AuthServiceError
 from .ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
 from .sasl import Credentials, SaslError
@@ -32,6 +33,8 @@ BYE = b"221 2.0.0 Bye\r\n"
 AUTH_OK = b"235 2.0.0 OK\r\n"           # what the client sees when the relay starts
 DEFAULT_ERROR_CODE = "535 5.7.0"
 MAX_ARGUMENTS = 11                      # nginx's SMTP parser limit
+# What a trace hides (ops/trace.py): everything after the mechanism.
+SECRETS = {"AUTH": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 SASL_ORDER = (("plain", b"PLAIN"), ("login", b"LOGIN"),
               ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}
@@ -69,6 +72,7 @@ class SmtpSession(Session):
     INTERNAL_ERROR = INTERNAL_ERROR
     NO_CERTIFICATE = NO_CERTIFICATE
     CERTIFICATE_ERROR = CERTIFICATE_ERROR
+    SECRETS = SECRETS
     BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # not MAIL/RCPT in MX mode, as nginx
     STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
                         "VRFY", "EXPN", "HELP", "STARTTLS"}}
@@ -109,12 +113,11 @@ class SmtpSession(Session):
         return host
 
     def read_command(self):
-        body = self.client.readline(self.command_limit()).rstrip(b"\n")
-        body = body[:-1] if body.endswith(b"\r") else body
-        verb, _, rest = body.partition(b" ")
-        if b"\r" in body or not verb.isalpha():
+        body = words.line_body(self.client.readline(self.command_limit()))
+        verb, rest = words.first_word(body)
+        if words.has_bare_cr(body) or not verb.isalpha():
             raise Rejected(INVALID, counted=True)
-        args = rest.split()
+        args = words.split_words(rest)
         if len(args) > MAX_ARGUMENTS:
             raise Rejected(INVALID, counted=True)
         return Command(verb.upper().decode(), args, line=body.rstrip(b" "))

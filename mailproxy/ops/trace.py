@@ -14,18 +14,24 @@ APOP and CRAM-MD5 digests, POP3 PASS, and the same on the backend side (the
 LOGIN password literal, PASS, AUTH PLAIN and the AUTH LOGIN answers).  The
 login itself, challenges and XCLIENT are shown.
 
-Redaction is a set of small pure functions per protocol, with no I/O:
+Client lines are redacted from what the session's parser made of them,
+never by splitting them again here: a line read before login is held
+(not shown) until the session says what it was:
 
-    text, state = imap_client(state, kind, data)   # a client line or literal
-    state = imap_server(state, line)               # a line the proxy sent
+    tracer.command(command, secret, known)  # parsed: its verb's words.Secret
+    tracer.refused()                        # the parser refused it: ***
+    tracer.sasl(True) ... tracer.sasl(False, failed)   # answers: all ***
 
-(`text` is None for nothing worth a line: the bare line end after a literal.)
+so a line is shown only when the parser positively knows it, with the
+arguments its verb's Secret marks hidden (`client_text`); an unknown verb,
+a refused line, a line inside a SASL exchange, or a one-word line right
+after a refused SASL start (a pipelined base64 answer) is `***`.  A trace
+may say too little, never too much.
 
-The state is a short string that says what the next client bytes are: a
-command, a SASL response, a password literal...  A line the proxy sends back
-ends a SASL exchange unless it is a continuation (`+ `, `334 `).  When the
-state does not expect what arrives, the bytes are hidden: a trace may say
-too little, never too much.
+The lines the proxy writes to a backend are its own (backend.py); small
+pure functions per protocol hide their secrets:
+
+    text, state = imap_to_backend(state, data)     # one write to the backend
 
 `Tracer` holds one session's state and decides whether to log at all:
 `trace on` logs every session; a CIDR selects clients by address (decided
@@ -37,18 +43,16 @@ its server has `trace` set, so sessions of untraced servers pay nothing.
 
 import collections
 import ipaddress
-import re
 from dataclasses import dataclass
+
+from .. import words
 
 REDACTED = "***"
 MAX_SHOWN = 300         # characters of one traced line; the rest becomes "..."
 MAX_HELD = 100          # lines held per session while waiting for its login
 
-COMMAND, SASL = "command", "sasl"
-LOGIN_USER, LOGIN_REST, LOGIN_SECRET = "login-user", "login-rest", "login-secret"
-LITERAL, REST = "literal", "rest"
-_LITERAL_AT_END = re.compile(rb"\{\d+\+?\}$")
-_NON_SYNC_AT_END = re.compile(rb"\{(\d+)\+\}$")
+COMMAND, SASL = "command", "sasl"       # states of the lines to a backend
+LOGIN_USER, LOGIN_SECRET = "login-user", "login-secret"
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,18 @@ class Rule:
 
 def shown(data):
     """Bytes as a log shows them: no line end, control bytes escaped, bounded."""
-    text = bytes(data).rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+    text = words.line_body(bytes(data)).decode("utf-8", "backslashreplace")
     text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
 
 
 def _words(line, count):
-    """The first `count` space-separated words and what is left (bytes)."""
-    parts = line.rstrip(b"\r\n").split(b" ", count)
-    return parts[:count] + [b""] * (count - len(parts)), \
-        parts[count] if len(parts) > count else b""
+    """The first `count` words (words.py) and what is left (bytes)."""
+    found, rest = [], words.line_body(line)
+    for _ in range(count):
+        word, rest = words.first_word(rest)
+        found.append(word)
+    return found, rest
 
 
 def _hidden_after(head, rest):
@@ -89,78 +95,39 @@ def _hidden_after(head, rest):
     return shown(head) + (" " + REDACTED if rest.strip() else "")
 
 
-def _ends_with_literal(line):
-    return bool(_LITERAL_AT_END.search(line.rstrip(b"\r\n")))
-
-
 def _unknown(line):
-    """What is shown of a line that is not a command (perhaps a SASL
-    response sent after its command was refused) or is a SASL response:
-    *** if it has anything, else no line at all."""
+    """What is shown of a line the session did not parse as a command it
+    knows (perhaps a SASL response sent after its command was refused) or
+    of a SASL response: *** if it has anything, else no line at all."""
     return REDACTED if line.strip() else None
 
 
+# ------------------------------------------------------------ client lines
+
+def client_text(command, secret):
+    """What a trace shows of a command the session parsed: the line as
+    written, or, for a verb with secrets (`secret`, a words.Secret), its
+    head and public arguments, then *** for the rest."""
+    if command.written is None:             # POP3, SMTP: the whole line
+        head, written = words.first_word(command.line)[0], command.args
+    else:                                   # IMAP: tag and verb, arguments as written
+        head, written = command.line, command.written
+    if secret is None:
+        return shown(command.line if command.written is None
+                     else words.SP.join([head] + written))
+    public = secret.shown_arguments(command.args)
+    return _hidden_after(words.SP.join([head] + written[:public]),
+                         words.SP.join(written[public:]))
+
+
 # ------------------------------------------------------------------ IMAP
-
-def imap_client(state, kind, data):
-    """A client line ("line") or literal ("data") -> (text, next state)."""
-    if state == SASL and kind == "line":
-        return _unknown(data), SASL
-    if state == LOGIN_USER and kind == "data":
-        return shown(data), LOGIN_REST
-    if state == LOGIN_REST and kind == "line":          # after the user: all secret
-        hidden = REDACTED if data.strip() else None
-        return hidden, LOGIN_SECRET if _ends_with_literal(data) else COMMAND
-    if state == LITERAL and kind == "data":
-        return shown(data), REST
-    if state == REST and kind == "line":
-        text = shown(data) if data.strip() else None
-        return text, LITERAL if _ends_with_literal(data) else COMMAND
-    if state == LOGIN_SECRET and kind == "data":
-        return REDACTED, LOGIN_REST
-    if state == COMMAND and kind == "line":
-        return _imap_command(data)
-    return REDACTED, state                  # unexpected: say nothing
-
-
-def _imap_command(line):
-    (tag, verb), rest = _words(line, 2)
-    if not (tag and verb.isalpha()):
-        return _unknown(line), COMMAND
-    if verb.upper() == b"LOGIN":
-        user, after = _imap_first_argument(rest)
-        if not after and _ends_with_literal(user):
-            return shown(line), LOGIN_USER          # the user name comes as a literal
-        text = _hidden_after(tag + b" " + verb + b" " + user, after)
-        return text, LOGIN_SECRET if _ends_with_literal(after) else COMMAND
-    if verb.upper() == b"AUTHENTICATE":
-        (mechanism,), initial = _words(rest, 1)
-        return _hidden_after(tag + b" " + verb + b" " + mechanism, initial), SASL
-    return shown(line), LITERAL if _ends_with_literal(line) else COMMAND
-
-
-def _imap_first_argument(rest):
-    """(the first argument as written, what follows it) of an IMAP line."""
-    if rest.startswith(b'"'):
-        position = 1
-        while position < len(rest) and rest[position:position + 1] != b'"':
-            position += 2 if rest[position:position + 1] == b"\\" else 1
-        return rest[:position + 1], rest[position + 1:]
-    head, _, tail = rest.partition(b" ")
-    return head, tail
-
-
-def imap_server(state, line):
-    """A line the proxy sent the client: all but a continuation ends SASL."""
-    return state if line.startswith(b"+") else COMMAND
-
 
 def imap_to_backend(state, data):
     """The proxy's LOGIN to the backend: `TAG LOGIN {n}`, `user {m}` and the
     password as three writes, or all of it in one with non-synchronizing
     literals (`TAG LOGIN {n+}` CRLF user ` {m+}` CRLF password CRLF)."""
     if state == LOGIN_USER:
-        user, _, _size = data.rstrip(b"\r\n").rpartition(b" ")
+        user, _, _size = words.line_body(data).rpartition(words.SP)
         return shown(user) + " " + REDACTED, LOGIN_SECRET
     if state == LOGIN_SECRET:
         return REDACTED, COMMAND
@@ -170,34 +137,12 @@ def imap_to_backend(state, data):
     head, _, rest = data.partition(b"\r\n")
     if not rest:
         return shown(data), LOGIN_USER      # synchronizing: the user name comes next
-    size = _NON_SYNC_AT_END.search(head)
-    user = rest[:int(size.group(1))] if size else b""
+    size = words.ends_with_literal(head)
+    user = rest[:int(size.group(1))] if size and size.group(2) else b""
     return f"{shown(head)} {shown(user)} {REDACTED}", COMMAND
 
 
 # ------------------------------------------------------------------ POP3
-
-def pop3_client(state, kind, data):
-    if state == SASL or kind != "line":
-        return _unknown(data), state
-    (verb,), rest = _words(data, 1)
-    if not verb.isalpha():
-        return _unknown(data), COMMAND
-    if verb.upper() == b"PASS":
-        return _hidden_after(verb, rest), COMMAND
-    if verb.upper() == b"APOP":
-        (user,), digest = _words(rest, 1)
-        return _hidden_after(verb + b" " + user, digest), COMMAND
-    if verb.upper() == b"AUTH" and rest.strip():
-        (mechanism,), initial = _words(rest, 1)
-        return _hidden_after(verb + b" " + mechanism, initial), SASL
-    return shown(data), COMMAND
-
-
-def pop3_server(state, line):
-    """`+ ` continues a SASL exchange; `+OK` and `-ERR` end it."""
-    return state if line.startswith(b"+ ") else COMMAND
-
 
 def pop3_to_backend(state, data):
     (verb,), rest = _words(data, 1)
@@ -207,18 +152,6 @@ def pop3_to_backend(state, data):
 
 
 # ------------------------------------------------------------------ SMTP
-
-def smtp_client(state, kind, data):
-    if state == SASL or kind != "line":
-        return _unknown(data), state
-    (verb,), rest = _words(data, 1)
-    if not verb.isalpha():
-        return _unknown(data), COMMAND
-    if verb.upper() == b"AUTH" and rest.strip():
-        (mechanism,), initial = _words(rest, 1)
-        return _hidden_after(verb + b" " + mechanism, initial), SASL
-    return shown(data), COMMAND
-
 
 def smtp_server(state, line):
     """`334 ` continues a SASL exchange (RFC 4954 4); any other reply ends it."""
@@ -243,18 +176,16 @@ def unchanged(state, line):
 
 @dataclass(frozen=True)
 class Redactor:
-    """One protocol's four functions: client lines, proxy replies, lines to
-    the backend, backend replies."""
-    client: object
-    server: object
+    """One protocol's two functions for the backend side: lines to the
+    backend, backend replies."""
     to_backend: object
     from_backend: object
 
 
 REDACTORS = {
-    "imap": Redactor(imap_client, imap_server, imap_to_backend, unchanged),
-    "pop3": Redactor(pop3_client, pop3_server, pop3_to_backend, unchanged),
-    "smtp": Redactor(smtp_client, smtp_server, smtp_to_backend, smtp_server),
+    "imap": Redactor(imap_to_backend, unchanged),
+    "pop3": Redactor(pop3_to_backend, unchanged),
+    "smtp": Redactor(smtp_to_backend, smtp_server),
 }
 
 
@@ -268,7 +199,11 @@ class Tracer:
         self.rule, self.log = rule, log
         self.client_address = client_address     # callable: the address as now known
         self.redactor = REDACTORS[protocol]
-        self.client_state = self.backend_state = COMMAND
+        self.backend_state = COMMAND
+        self.pending = []           # client bytes of the command being parsed
+        self.queued = []            # lines to the client meanwhile (`+ OK` for a literal)
+        self.in_sasl = False        # a SASL exchange is reading the client's answers
+        self.maybe_answer = False   # a refused SASL start: answers may follow
         self.selected = True if rule.everyone else None
         self.address_checked = False
         self.held = collections.deque(maxlen=MAX_HELD)
@@ -283,15 +218,53 @@ class Tracer:
         return TracedStream(stream, self.from_backend, self.to_backend)
 
     def from_client(self, kind, data):
-        text, self.client_state = self.redactor.client(self.client_state, kind, data)
-        self.note("C:", text)
+        """Nothing is shown yet: the session's parser decides what it was."""
+        if self.in_sasl:
+            self.note("C:", _unknown(data))
+        else:
+            self.pending.append(bytes(data))
 
     def to_client(self, data):
         if not self.address_checked and self.rule.networks:
             self.decide_by_address()
         for line in _lines(data):
-            self.client_state = self.redactor.server(self.client_state, line)
+            if self.pending:
+                self.queued.append(line)
+            else:
+                self.note("S:", shown(line))
+
+    # ------------------------------------ what the session tells it
+
+    def command(self, command, secret, known):
+        """The parser made `command` of the pending bytes; `secret` is its
+        verb's words.Secret (None: nothing secret), `known` False for a verb
+        the protocol does not have.  After a refused SASL start, a line of
+        one word may be a base64 answer (base64 has no SP): hidden."""
+        single = len(words.split_words(words.line_body(b"".join(self.pending[:1])))) < 2
+        if not known or (self.maybe_answer and single):
+            text = _unknown(b"".join(self.pending))
+        else:
+            text = client_text(command, secret)
+        self.maybe_answer = (self.maybe_answer and single) or \
+            bool(secret and secret.mechanism and command.args)
+        self.flush(text)
+
+    def refused(self):
+        """The parser refused the pending bytes (or gave up on them)."""
+        self.flush(_unknown(b"".join(self.pending)))
+
+    def flush(self, text):
+        self.pending.clear()
+        self.note("C:", text)
+        for line in self.queued:
             self.note("S:", shown(line))
+        self.queued.clear()
+
+    def sasl(self, running, failed=False):
+        """A SASL exchange starts (True) or ends (False): its lines are
+        answers, all hidden; one that failed may leave answers behind."""
+        self.in_sasl = running
+        self.maybe_answer = failed
 
     def to_backend(self, data):
         """One write is one command (backend.py writes them so); it is not
@@ -379,4 +352,5 @@ class TracedStream:
 
 
 def _lines(data):
-    return bytes(data).splitlines(keepends=True) or [b""]
+    """The lines of one write (words.py: a line ends at LF)."""
+    return words.lines(bytes(data)) or [b""]
