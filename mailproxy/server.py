@@ -349,13 +349,26 @@ def run_worker(config, sockets, meter=None):
     """A worker process under the master: set up as root (logs, keys,
     limits), then drop privileges, then serve the inherited sockets,
     counting into `meter` (its slot of the master's metrics table)."""
-    if config.rlimit_nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
     worker = Worker(config, single=False, meter=meter)
+    set_rlimit_nofile(config.rlimit_nofile, worker.log)
     drop_privileges(config.user)
     worker.open(sockets)
     worker.install_signals()
     return worker.serve()
+
+
+def set_rlimit_nofile(limit, log):
+    """`worker_rlimit_nofile N;`: the kernel may refuse N (above the hard
+    limit without the rights, or above fs.nr_open); as nginx's worker, log
+    it and carry on with the limit there is."""
+    if not limit:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (ValueError, OSError, OverflowError) as exc:
+        errno = getattr(exc, "errno", None) or 1
+        log.log(logmod.LEVELS["alert"], "setrlimit(RLIMIT_NOFILE, %d) failed (%d: %s)", limit,
+                errno, os.strerror(errno))
 
 
 def drop_privileges(user):
@@ -371,9 +384,8 @@ def drop_privileges(user):
 
 def run(config):
     """Open the listeners and serve until a signal; the process's exit status."""
-    if config.rlimit_nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
     worker = Worker(config)
+    set_rlimit_nofile(config.rlimit_nofile, worker.log)
     try:
         worker.open()
     except OSError as exc:
