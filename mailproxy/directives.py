@@ -94,10 +94,16 @@ def pin(args):
     return (digest,)
 
 
+# nginx spawns at most NGX_MAX_PROCESSES (1024) processes, and says "no
+# more than 1024 processes can be spawned" when started with more; here
+# -t says it.
+MAX_PROCESSES = 1024
+
+
 def worker_processes(args):
     if args[0] == "auto":
         return "auto"
-    return parse_positive(args[0])
+    return parse_positive(args[0], MAX_PROCESSES)
 
 
 def error_log(args):

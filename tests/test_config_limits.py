@@ -98,6 +98,13 @@ def test_sizes_and_numbers_beyond_their_range_fail_the_test(tmp_path, line, mess
     assert_refused(tmp_path, line, message)
 
 
+def test_more_workers_than_nginx_can_spawn_fail_the_test(tmp_path):
+    assert load(tmp_path, ["worker_processes 1024;"] + conf()).worker_processes == 1024
+    lines = ["worker_processes 1025;"] + conf()
+    text, path = error(tmp_path, lines)
+    assert text == f'invalid number "1025" in "worker_processes" directive in {path}:1'
+
+
 def assert_refused(tmp_path, line, message):
     """`line` in an IMAP server fails with `message`, naming its directive
     and file:line."""
