@@ -244,6 +244,8 @@ class Worker:
     def serve(self):
         """Accept until a signal says stop; returns the exit status."""
         self.log.log(logmod.NOTICE, "mailproxy/%s (%s)", __version__, NGINX_COMPAT)
+        if self.single and not write_pid(self.config, self.log):
+            return self.give_up()       # before any accept: no client was served
         for listener in self.listeners:
             threading.Thread(target=listener.serve_forever, args=(POLL_INTERVAL,),
                              name=f"listener {listener.entry.name}", daemon=True).start()
@@ -253,7 +255,6 @@ class Worker:
                              name="status", daemon=True).start()
             self.log.log(logmod.NOTICE, "status page on http://%s/",
                          self.config.status_listen.name)
-        self._write_pid()
         try:
             self.meter.set_threads(threading.active_count())
             while not self.stopping.wait(POLL_INTERVAL):
@@ -323,10 +324,13 @@ class Worker:
                 remove_socket_file(socket_key(listener.entry))
         self.listeners = []
 
-    def _write_pid(self):
-        if self.config.pid and self.single:
-            with open(self.config.resolve(self.config.pid), "w") as file:
-                file.write(f"{os.getpid()}\n")
+    def give_up(self):
+        """Close what open() opened, before serving; exit status 1."""
+        self.close_listeners()
+        if self.status:
+            self.status.server_close()
+        self.destinations.close()
+        return 1
 
     def _remove_pid(self):
         if self.config.pid and self.single:
@@ -334,6 +338,23 @@ class Worker:
                 os.unlink(self.config.resolve(self.config.pid))
             except OSError:
                 pass
+
+
+def write_pid(config, log):
+    """Write this process's pid to `pid`'s file, if there is one.  False,
+    after nginx's [emerg] line, if it cannot: -t opened the file, but its
+    folder may have gone since."""
+    if not config.pid:
+        return True
+    path = config.resolve(config.pid)
+    try:
+        with open(path, "w") as file:
+            file.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        log.log(logmod.LEVELS["emerg"], 'open() "%s" failed (%d: %s)', path, exc.errno,
+                exc.strerror)
+        return False
+    return True
 
 
 def _peer(address):

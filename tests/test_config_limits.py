@@ -8,6 +8,7 @@ tests run the real command (`python mailproxy.py -t -c FILE`), as an
 operator would; the rest load the file in-process, as -t does.
 """
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import pytest
 
 from harness import free_port
 from mailproxy import conffile, values
+from mailproxy.ops.master import Master
 from mailproxy.relay import Relay
+from mailproxy.server import Worker
 from mailproxy import config as configmod
 from test_config import at, conf, error, load, server, write
 
@@ -262,3 +265,28 @@ def test_a_buffer_the_machine_cannot_give_ends_the_relay_at_once():
                         buffers=(2 ** 40, 4096)).run()
         assert outcome.closed_by == "error"
         assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_pid_folder_gone_since_the_check_ends_the_start_cleanly(tmp_path, workers):
+    """-t opened the pid file; if its folder goes before the start, the
+    proxy says nginx's [emerg] line, closes its ports and exits 1 (it used
+    to end in a traceback after the ports were open)."""
+    (tmp_path / "run").mkdir()
+    port = free_port()
+    lines = [f"worker_processes {workers};", "pid run/mailproxy.pid;",
+             f"error_log {tmp_path}/error.log info;"]
+    config = load(tmp_path, lines + conf(imap(listen=f"listen 127.0.0.1:{port};")))
+    (tmp_path / "run").rmdir()
+    if workers == 1:
+        worker = Worker(config)
+        worker.open()
+        assert worker.serve() == 1
+    else:
+        assert Master(config, None).run() == 1
+    said = (tmp_path / "error.log").read_text()
+    assert (f'[emerg] {os.getpid()}#' in said and
+            f'open() "{tmp_path}/run/mailproxy.pid" failed (2: No such file or directory)'
+            in said)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
