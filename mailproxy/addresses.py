@@ -98,7 +98,7 @@ def _syslog_address(text):
         raise BadValue(f'invalid syslog server "{text}"')
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_DGRAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
         raise BadValue(f'host not found in syslog server "{text}"') from None
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
@@ -197,7 +197,7 @@ def real_ip_from(args):
         raise BadValue(f'invalid network "{text}"')
     try:
         infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
         raise BadValue(f'host not found in "{text}"') from None
     networks = []
     for family, _, _, _, sockaddr in infos:
@@ -301,7 +301,7 @@ def _resolve(addr, port):
     host = addr[1:-1] if addr.startswith("[") else addr
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
         raise BadValue(f'host not found in "{addr}:{port}"') from None
     found = []
     for family, _, _, _, sockaddr in infos:

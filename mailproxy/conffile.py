@@ -165,13 +165,20 @@ def _check_terminators(path):
     """crossplane takes `name args }` as a whole directive; nginx says
     `unexpected "}"`, and so do we."""
     previous = None
-    for token, line, quoted in crossplane.lex(path):
-        if token.startswith("#") and not quoted:
-            continue                            # a comment
-        if token == "}" and not quoted and previous is not None and \
-                (previous[1] or previous[0] not in (";", "{", "}")):
-            raise ConfigError('unexpected "}"', Where(path, line))
-        previous = (token, quoted)
+    try:
+        for token, line, quoted in crossplane.lex(path):
+            if token.startswith("#") and not quoted:
+                continue                            # a comment
+            if token == "}" and not quoted and previous is not None and \
+                    (previous[1] or previous[0] not in (";", "{", "}")):
+                raise ConfigError('unexpected "}"', Where(path, line))
+            previous = (token, quoted)
+    except crossplane.errors.NgxParserBaseException as exc:
+        # braces crossplane's parser let pass (a block with no name before
+        # it) are still counted by its lexer
+        end = "end of file" in exc.strerror         # nginx names the last line
+        raise ConfigError(exc.strerror, Where(path, _line_count(path) if end else exc.lineno)) \
+            from None
 
 
 def _line_count(path):

@@ -19,6 +19,7 @@ import pytest
 
 from harness import free_port
 from mailproxy import conffile, values
+from mailproxy.config import ConfigError
 from mailproxy.ops.master import Master
 from mailproxy.relay import Relay
 from mailproxy.server import Worker
@@ -290,3 +291,31 @@ def test_a_pid_folder_gone_since_the_check_ends_the_start_cleanly(tmp_path, work
             in said)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("x 1;\n{ worker_connections 512; }\nmail\n    server_name mx.test;\n}\n", 5,
+     'unexpected "}"'),
+    ("x 1;\n{ worker_connections 512; }\nmail {'\n    server_name mx.test;\n}\n", 6,
+     'unexpected end of file, expecting "}"'),
+])
+def test_unbalanced_braces_after_a_nameless_block_are_a_file_line_error(tmp_path, text, line,
+                                                                         message):
+    """Found by test_fuzz.py: crossplane's parser let these pass and its
+    lexer raised its own exception, a traceback at -t."""
+    path = tmp_path / "mail.conf"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        configmod.load(str(path), prefix=str(tmp_path))
+    assert str(info.value) == f"{message} in {path}:{line}"
+
+
+@pytest.mark.parametrize("line", ["listen \x80127.0.0.1:1143;", "set_real_ip_from \x80x;"])
+def test_a_name_idna_cannot_encode_is_not_found(tmp_path, line):
+    """Found by test_fuzz.py: getaddrinfo's IDNA step raised UnicodeError,
+    a traceback at -t."""
+    lines = conf(("protocol imap;", line) if "listen" in line else imap(line))
+    text, path = error(tmp_path, lines)
+    name = line.split()[0]
+    assert text.startswith("host not found in ")
+    assert text.endswith(f'in "{name}" directive in {at(path, lines, name)}')
