@@ -16,13 +16,18 @@ import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .values import (LEVELS, BadDirective, BadValue, parse_flag, parse_number,
+from .values import (LEVELS, MAX_C_INT, BadDirective, BadValue, parse_flag, parse_number,
                      parse_positive, parse_size, parse_time)
 
 DEFAULT_BACKLOG = 511       # nginx's NGX_LISTEN_BACKLOG on Linux
 UNIX_PREFIX = "unix:"
 MAX_UNIX_PATH = 107         # sizeof(sun_path) - 1 on Linux: the path and its NUL must fit
 TCP_ONLY_PARAMS = ("ipv6only", "multipath", "so_keepalive")   # meaningless on unix: sockets
+# so_keepalive=idle:intvl:cnt.  nginx takes any number and logs the kernel's
+# refusal when it sets up the socket; Linux refuses more than these
+# (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT), so such a value
+# cannot work here and -t says so.  0 (or nothing) leaves the kernel's own.
+KEEPALIVE_LIMITS = (32767, 32767, 127)
 
 
 # ------------------------------------------------------------------ syslog
@@ -93,7 +98,7 @@ def _syslog_address(text):
         raise BadValue(f'invalid syslog server "{text}"')
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_DGRAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
         raise BadValue(f'host not found in syslog server "{text}"') from None
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
@@ -192,7 +197,7 @@ def real_ip_from(args):
         raise BadValue(f'invalid network "{text}"')
     try:
         infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
         raise BadValue(f'host not found in "{text}"') from None
     networks = []
     for family, _, _, _, sockaddr in infos:
@@ -296,7 +301,7 @@ def _resolve(addr, port):
     host = addr[1:-1] if addr.startswith("[") else addr
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
         raise BadValue(f'host not found in "{addr}:{port}"') from None
     found = []
     for family, _, _, _, sockaddr in infos:
@@ -311,16 +316,34 @@ def _keepalive(text):
     parts = text.split(":")
     if len(parts) != 3 or not any(parts):
         raise BadValue(f'invalid so_keepalive value: "so_keepalive={text}"')
-    idle, intvl, cnt = parts
-    return (parse_time(idle) if idle else None,
-            parse_time(intvl) if intvl else None,
-            parse_number(cnt) if cnt else None)
+    try:
+        return tuple(_keepalive_part(*job) for job in zip(parts, KEEPALIVE_LIMITS,
+                                                         (True, True, False)))
+    except BadValue:
+        raise BadValue(f'invalid so_keepalive value: "so_keepalive={text}"') from None
+
+
+def _keepalive_part(text, high, seconds):
+    """One of idle, intvl (whole seconds, as nginx's ngx_parse_time(, 1)) or
+    cnt; None when empty or 0."""
+    value = parse_time(text) if seconds and text else parse_number(text) if text else 0
+    if value != int(value) or value > high:
+        raise BadValue(text)
+    return int(value) or None
+
+
+def _socket_buffer(text):
+    """rcvbuf=/sndbuf=: setsockopt() takes a C int."""
+    size = parse_size(text)
+    if size > MAX_C_INT:
+        raise BadValue(f'invalid value "{text}"')
+    return size
 
 
 _LISTEN_PARAMS = {
-    "backlog": lambda v: ("backlog", parse_positive(v)),
-    "rcvbuf": lambda v: ("rcvbuf", parse_size(v)),
-    "sndbuf": lambda v: ("sndbuf", parse_size(v)),
+    "backlog": lambda v: ("backlog", parse_positive(v, MAX_C_INT)),   # listen() takes an int
+    "rcvbuf": lambda v: ("rcvbuf", _socket_buffer(v)),
+    "sndbuf": lambda v: ("sndbuf", _socket_buffer(v)),
     "ipv6only": lambda v: ("ipv6only", parse_flag(v)),
     "so_keepalive": lambda v: ("so_keepalive", _keepalive(v)),
 }

@@ -7,7 +7,10 @@ file says it, and a pattern with wildcards may match nothing.  Following
 includes here, not inside crossplane, lets config.py decide per block: the
 blocks mailproxy skips (`http {}`, `stream {}`) are still lexed, so a syntax
 error there is an error, but their includes are never opened, and their
-files need not exist on a mail proxy.
+files need not exist on a mail proxy.  Every argument then has nginx's
+escapes processed, here and only here (`unescape`).  The log and pid files
+are opened as nginx opens them while it reads the configuration
+(`check_writable`), so a missing folder fails `-t`.
 
 Every mistake is a ConfigError naming file:line in nginx's words, e.g.
 `unexpected "}" in /etc/mailproxy/mail.conf:12`.
@@ -15,6 +18,7 @@ Every mistake is a ConfigError naming file:line in nginx's words, e.g.
 
 import glob
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -25,6 +29,12 @@ COMMAND_LINE = "<command line>"
 # real configurations nest two or three deep.
 MAX_INCLUDE_DEPTH = 32
 WILDCARDS = "*?["       # nginx's ngx_conf_include: a name with one of these is a mask
+# nginx's ngx_conf_read_token rewrites these pairs in every word, quoted or
+# not; any other backslash stays as written.  crossplane's lexer only turns
+# a quote's own escape (\" inside "...") into the quote, so the rest is
+# done here, once, for every argument (see `unescape`).
+ESCAPES = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
 
 class ConfigError(Exception):
@@ -96,6 +106,19 @@ def _check_readable(path, where):
                           where) from None
 
 
+def check_writable(path, where, keep=True):
+    """Open `path` for appending, as nginx opens a log or pid file named in
+    the configuration; a file this created is removed unless `keep`."""
+    existed = os.path.lexists(path)
+    try:
+        open(path, "a").close()
+    except OSError as exc:
+        raise ConfigError(f'open() "{path}" failed ({exc.errno}: {exc.strerror})',
+                          where) from None
+    if not (keep or existed):
+        os.unlink(path)
+
+
 # ----------------------------------------------------------------- one file
 
 def parse_file(path):
@@ -106,7 +129,21 @@ def parse_file(path):
     for error in payload["errors"]:     # crossplane records, not raises, the first one
         _raise(error)
     _check_terminators(path)
-    return payload["config"][0]["parsed"]
+    entries = payload["config"][0]["parsed"]
+    _unescape_all(entries)
+    return entries
+
+
+def unescape(word):
+    """One word as nginx reads it: `\\t`, `\\r`, `\\n`, `\\"`, `\\'` and
+    `\\\\` become the byte they name."""
+    return _ESCAPE.sub(lambda match: ESCAPES.get(match.group(1), match.group()), word)
+
+
+def _unescape_all(entries):
+    for entry in entries:
+        entry["args"] = [unescape(arg) for arg in entry["args"]]
+        _unescape_all(entry.get("block", ()))
 
 
 def _raise(error):
@@ -128,13 +165,20 @@ def _check_terminators(path):
     """crossplane takes `name args }` as a whole directive; nginx says
     `unexpected "}"`, and so do we."""
     previous = None
-    for token, line, quoted in crossplane.lex(path):
-        if token.startswith("#") and not quoted:
-            continue                            # a comment
-        if token == "}" and not quoted and previous is not None and \
-                (previous[1] or previous[0] not in (";", "{", "}")):
-            raise ConfigError('unexpected "}"', Where(path, line))
-        previous = (token, quoted)
+    try:
+        for token, line, quoted in crossplane.lex(path):
+            if token.startswith("#") and not quoted:
+                continue                            # a comment
+            if token == "}" and not quoted and previous is not None and \
+                    (previous[1] or previous[0] not in (";", "{", "}")):
+                raise ConfigError('unexpected "}"', Where(path, line))
+            previous = (token, quoted)
+    except crossplane.errors.NgxParserBaseException as exc:
+        # braces crossplane's parser let pass (a block with no name before
+        # it) are still counted by its lexer
+        end = "end of file" in exc.strerror         # nginx names the last line
+        raise ConfigError(exc.strerror, Where(path, _line_count(path) if end else exc.lineno)) \
+            from None
 
 
 def _line_count(path):

@@ -29,9 +29,13 @@ from . import conffile
 from . import directives as d
 from . import tls_context
 from .conffile import COMMAND_LINE, ConfigError, Where
-from .values import BadDirective, BadValue
+from .values import BadDirective, BadValue, plain_text
 
 SKIPPED_BLOCK = 'the "{}" block is skipped: mailproxy serves only "mail {{}}"'
+# Files nginx opens while it reads the configuration, so that one it cannot
+# open fails -t at its line: the logs (kept, as nginx creates them), and
+# with -t the pid file (removed again if the check created it).
+OPENED_FILES = {"error_log": True, "pid": False}
 # Certificate and key values that name no file, as nginx reads them.
 NOT_FILES = ("data:", "engine:")
 
@@ -132,7 +136,7 @@ def load(path, prefix=None, extra=None):
     path = os.path.abspath(path)
     conf_prefix = os.path.dirname(path)
     prefix = os.path.abspath(prefix) if prefix else conf_prefix
-    levels = {d.MAIN: Level(d.MAIN), "mail": None, "servers": []}
+    levels = {d.MAIN: Level(d.MAIN), "mail": None, "servers": [], "prefix": prefix}
     if extra:
         _walk(conffile.read_text(extra, conf_prefix), levels[d.MAIN], levels)
     _walk(conffile.read(path, conf_prefix), levels[d.MAIN], levels)
@@ -166,6 +170,10 @@ def _walk(block, level, levels):
             _walk(block.inside(entry), _open_block(row, where, level, levels), levels)
         else:
             level.set(row, args, where)
+            if name in OPENED_FILES and args[0] != "stderr" and \
+                    not args[0].startswith("syslog:"):
+                conffile.check_writable(os.path.join(levels["prefix"], args[0]), where,
+                                        keep=OPENED_FILES[name])
 
 
 def _check(name, args, has_block, context, where):
@@ -182,6 +190,11 @@ def _check(name, args, has_block, context, where):
     low, high = row.nargs
     if len(args) < low or (high is not None and len(args) > high):
         raise ConfigError(f'invalid number of arguments in "{name}" directive', where)
+    try:
+        for arg in args:
+            plain_text(arg)
+    except BadValue as exc:
+        raise ConfigError(f'{exc} in "{name}" directive', where) from None
     return row
 
 
@@ -425,7 +438,16 @@ def _occurrences(setting):
 
 
 def _render(args):
-    return "".join(" " + (f'"{arg}"' if (" " in arg or not arg) else arg) for arg in args)
+    """Arguments as nginx reads them back: quoted when they hold a space or
+    a character nginx's lexer treats apart, escapes undone (conffile.ESCAPES)."""
+    return "".join(" " + _quoted(arg) for arg in args)
+
+
+def _quoted(arg):
+    if arg and not any(char in arg for char in ' \t"\'\\;{}#$'):
+        return arg
+    text = arg.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
+    return f'"{text}"'
 
 
 def _unique_texts(listens):

@@ -21,13 +21,14 @@ The table follows section 1 of the nginx mail reference
 import base64
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 
 from .addresses import (auth_http_url, listen, low_address_bits, real_ip_from, resolver,
                         status_listen, syslog)
 from .ops.trace import Rule
-from .values import (LEVELS, BadValue, item, methods, one_of, pair, parse_flag, parse_number,
-                     parse_positive, parse_size, parse_time, single, words)
+from .values import (LEVELS, BadValue, item, methods, one_of, pair, parse_buffer, parse_flag,
+                     parse_number, parse_positive, parse_size, parse_time, shown, single, words)
 
 # Statuses.  "later" directives are parsed and validated now, but a config
 # that uses them is refused with a clear error until the feature exists.
@@ -50,6 +51,20 @@ PROTOCOL_BY_PORT = {143: "imap", 993: "imap", 110: "pop3", 995: "pop3",
 
 TLS_VERSIONS = {"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}
 SHARED_CACHE_MINIMUM = 8 * 4096     # nginx: a shared zone of at least 8 pages
+# RFC 9110 5.1: a field name is a token; 5.5: a field value holds no control
+# byte but HTAB (a CR or LF would end the header early, a NUL cut it).
+HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+FIELD_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def http_header(args):
+    """`auth_http_header Name value` -> ((name, value),), both fit to send."""
+    name, value = args
+    if not HTTP_TOKEN.fullmatch(name):
+        raise BadValue(f'invalid header name "{shown(name)}"')
+    if FIELD_CONTROL.search(value):
+        raise BadValue(f'invalid header value "{shown(value)}"')
+    return ((name, value),)
 
 
 def session_cache(args):
@@ -85,10 +100,16 @@ def pin(args):
     return (digest,)
 
 
+# nginx spawns at most NGX_MAX_PROCESSES (1024) processes, and says "no
+# more than 1024 processes can be spawned" when started with more; here
+# -t says it.
+MAX_PROCESSES = 1024
+
+
 def worker_processes(args):
     if args[0] == "auto":
         return "auto"
-    return parse_positive(args[0])
+    return parse_positive(args[0], MAX_PROCESSES)
 
 
 def error_log(args):
@@ -273,13 +294,13 @@ _ROWS = [
               note="legacy alias of the listen parameter so_keepalive="),
     # ngx_mail_auth_http_module
     Directive("auth_http", M_S, (1, 1), auth_http_url),
-    Directive("auth_http_header", M_S, (2, 2), pair, repeat=True),
+    Directive("auth_http_header", M_S, (2, 2), http_header, repeat=True),
     Directive("auth_http_pass_client_cert", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("auth_http_timeout", M_S, (1, 1), single(parse_time), ["60s"]),
     # ngx_mail_proxy_module
     Directive("proxy", M_S, (1, 1), single(parse_flag), ["off"], status=NOOP,
               note="accepted and ignored, as in nginx"),
-    Directive("proxy_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
+    Directive("proxy_buffer", M_S, (1, 1), single(parse_buffer), ["4k"]),
     Directive("proxy_pass_error_message", M_S, (1, 1), single(parse_flag), ["off"]),
     Directive("proxy_protocol", M_S, (1, 1), single(one_of("on", "off", "v2")), ["off"]),
     Directive("proxy_smtp_auth", M_S, (1, 1), single(one_of("on", "off", "plain", "login")),
@@ -294,7 +315,7 @@ _ROWS = [
               ["plain"]),
     Directive("imap_capabilities", M_S, (1, None), words,
               [["IMAP4", "IMAP4rev1", "UIDPLUS"]], repeat=True),
-    Directive("imap_client_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
+    Directive("imap_client_buffer", M_S, (1, 1), single(parse_buffer), ["4k"]),
     # ngx_mail_pop3_module
     Directive("pop3_auth", M_S, (1, None), methods({"plain", "apop", "cram-md5", "external"}),
               ["plain"]),
@@ -304,7 +325,7 @@ _ROWS = [
     Directive("smtp_auth", M_S, (1, None),
               methods({"plain", "login", "cram-md5", "external", "none"}), ["plain", "login"]),
     Directive("smtp_capabilities", M_S, (1, None), words, [], repeat=True),
-    Directive("smtp_client_buffer", M_S, (1, 1), single(parse_size), ["4k"]),
+    Directive("smtp_client_buffer", M_S, (1, 1), single(parse_buffer), ["4k"]),
     Directive("smtp_greeting_delay", M_S, (1, 1), single(parse_time), ["0"]),
     # ngx_mail_ssl_module
     Directive("starttls", M_S, (1, 1), single(one_of("on", "off", "only")), ["off"]),

@@ -109,8 +109,10 @@ class Relay:
                 if self.time_left() <= 0:
                     self.stop("timeout")
                     return None
-            except ssl.SSLError:
-                self.stop("error")      # a broken TLS stream is not an end of file
+            except (ssl.SSLError, MemoryError):
+                # a broken TLS stream is not an end of file; a buffer the
+                # machine cannot give must end the relay, not its thread
+                self.stop("error")
                 return None
             except OSError:
                 return b""              # a reset is an end like EOF

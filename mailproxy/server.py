@@ -258,6 +258,8 @@ class Worker:
     def serve(self):
         """Accept until a signal says stop; returns the exit status."""
         self.log.log(logmod.NOTICE, "mailproxy/%s (%s)", __version__, NGINX_COMPAT)
+        if self.single and not write_pid(self.config, self.log):
+            return self.give_up()       # before any accept: no client was served
         for listener in self.listeners:
             threading.Thread(target=listener.serve_forever, args=(POLL_INTERVAL,),
                              name=f"listener {listener.entry.name}", daemon=True).start()
@@ -267,7 +269,6 @@ class Worker:
                              name="status", daemon=True).start()
             self.log.log(logmod.NOTICE, "status page on http://%s/",
                          self.config.status_listen.name)
-        self._write_pid()
         try:
             self.meter.set_threads(threading.active_count())
             while not self.stopping.wait(POLL_INTERVAL):
@@ -337,10 +338,13 @@ class Worker:
                 remove_socket_file(socket_key(listener.entry))
         self.listeners = []
 
-    def _write_pid(self):
-        if self.config.pid and self.single:
-            with open(self.config.resolve(self.config.pid), "w") as file:
-                file.write(f"{os.getpid()}\n")
+    def give_up(self):
+        """Close what open() opened, before serving; exit status 1."""
+        self.close_listeners()
+        if self.status:
+            self.status.server_close()
+        self.destinations.close()
+        return 1
 
     def _remove_pid(self):
         if self.config.pid and self.single:
@@ -348,6 +352,23 @@ class Worker:
                 os.unlink(self.config.resolve(self.config.pid))
             except OSError:
                 pass
+
+
+def write_pid(config, log):
+    """Write this process's pid to `pid`'s file, if there is one.  False,
+    after nginx's [emerg] line, if it cannot: -t opened the file, but its
+    folder may have gone since."""
+    if not config.pid:
+        return True
+    path = config.resolve(config.pid)
+    try:
+        with open(path, "w") as file:
+            file.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        log.log(logmod.LEVELS["emerg"], 'open() "%s" failed (%d: %s)', path, exc.errno,
+                exc.strerror)
+        return False
+    return True
 
 
 def _peer(address):
@@ -363,9 +384,8 @@ def run_worker(config, sockets, meter=None):
     """A worker process under the master: set up as root (logs, keys,
     limits), then drop privileges, then serve the inherited sockets,
     counting into `meter` (its slot of the master's metrics table)."""
-    if config.rlimit_nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
     worker = Worker(config, single=False, meter=meter)
+    set_rlimit_nofile(config.rlimit_nofile, worker.log)
     drop_privileges(config.user)
     worker.open(sockets)
     worker.install_signals()
@@ -377,6 +397,20 @@ def worker_uid(user):
     if user is None or os.geteuid() != 0:
         return None
     return pwd.getpwnam(user[0]).pw_uid
+
+
+def set_rlimit_nofile(limit, log):
+    """`worker_rlimit_nofile N;`: the kernel may refuse N (above the hard
+    limit without the rights, or above fs.nr_open); as nginx's worker, log
+    it and carry on with the limit there is."""
+    if not limit:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (ValueError, OSError, OverflowError) as exc:
+        errno = getattr(exc, "errno", None) or 1
+        log.log(logmod.LEVELS["alert"], "setrlimit(RLIMIT_NOFILE, %d) failed (%d: %s)", limit,
+                errno, os.strerror(errno))
 
 
 def drop_privileges(user):
@@ -392,9 +426,8 @@ def drop_privileges(user):
 
 def run(config):
     """Open the listeners and serve until a signal; the process's exit status."""
-    if config.rlimit_nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (config.rlimit_nofile,) * 2)
     worker = Worker(config)
+    set_rlimit_nofile(config.rlimit_nofile, worker.log)
     try:
         worker.open()
     except OSError as exc:

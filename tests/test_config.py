@@ -227,7 +227,8 @@ def test_non_ascii_digit_in_a_listen_port_is_a_config_error(tmp_path):
      'invalid so_keepalive value: "so_keepalive=::" in "listen" directive'),
     ("listen 127.0.0.1:1150 so_keepalive=1m:2m;",
      'invalid so_keepalive value: "so_keepalive=1m:2m" in "listen" directive'),
-    ("listen 127.0.0.1:1150 so_keepalive=x::;", 'invalid value "x" in "listen" directive'),
+    ("listen 127.0.0.1:1150 so_keepalive=x::;",
+     'invalid so_keepalive value: "so_keepalive=x::" in "listen" directive'),
     ("listen nosuchhost.invalid:1150;",
      'host not found in "nosuchhost.invalid:1150" in "listen" directive'),
 ])
@@ -541,6 +542,7 @@ def test_command_line_directive_then_the_same_in_the_file_is_duplicate(tmp_path)
 
 
 def test_command_line_directives_apply(tmp_path):
+    (tmp_path / "run").mkdir()
     config = load(tmp_path, conf(), extra="pid run/x.pid; error_log x.log info;")
     assert config.pid == "run/x.pid"
     assert config.error_logs == (("x.log", "info"),)
@@ -740,6 +742,7 @@ def test_top_level_defaults(tmp_path):
 
 
 def test_top_level_settings(tmp_path):
+    (tmp_path / "run").mkdir()      # nginx opens the pid file while it reads the file
     config = load(tmp_path, conf(top=("pid run/mailproxy.pid;", "events {",
                                       "    worker_connections 64;", "}")))
     assert (config.pid, config.worker_connections) == ("run/mailproxy.pid", 64)

@@ -30,6 +30,9 @@ FENCE = re.compile(r"^```[a-z]*\n(.*?)\n```\n", re.DOTALL | re.MULTILINE)
 # An example's certificate and key paths (/etc/mailproxy/...) do not exist
 # here, and config.load opens them to build the TLS context.
 CERT_LINE = re.compile(r"^(\s*)(ssl_certificate|ssl_certificate_key)(\s+)\S+;", re.MULTILINE)
+# Nor do their log and pid folders (/var/log/mailproxy, /run/mailproxy), and
+# config.load opens those files too, as nginx does.
+FOLDER_LINE = re.compile(r"^(\s*(?:error_log|pid)\s+)/\S+/", re.MULTILINE)
 
 
 def documented_directives():
@@ -83,12 +86,13 @@ def throwaway_certificate(tmp_path_factory):
 @pytest.mark.parametrize("path", example_configs(), ids=lambda path: path.name)
 def test_example_config_loads(path, tmp_path, throwaway_certificate):
     """Loaded from a copy, so relative paths land in tmp_path.  config.load
-    opens no log or pid file, but it does open the certificates and keys of
-    servers that use TLS: in the copy, every ssl_certificate and
-    ssl_certificate_key names a throwaway pair instead."""
+    opens the log and pid files and the certificates and keys of servers
+    that use TLS: in the copy, the log and pid files are in tmp_path, and
+    every ssl_certificate and ssl_certificate_key names a throwaway pair."""
     copy = tmp_path / path.name
-    copy.write_text(CERT_LINE.sub(
-        lambda m: f"{m[1]}{m[2]}{m[3]}{throwaway_certificate[m[2]]};", path.read_text()))
+    text = CERT_LINE.sub(lambda m: f"{m[1]}{m[2]}{m[3]}{throwaway_certificate[m[2]]};",
+                         path.read_text())
+    copy.write_text(FOLDER_LINE.sub(lambda m: f"{m[1]}{tmp_path}/", text))
     loaded = config.load(str(copy), prefix=str(tmp_path))
     assert loaded.servers
     for server in loaded.servers:

@@ -113,6 +113,8 @@ def test_a_missing_relative_file_is_named_in_the_configuration_folder(tls_folder
 
 def test_pid_and_logs_use_the_prefix_which_defaults_to_the_folder(tmp_path, elsewhere):
     path = write(tmp_path / "conf", mail(top="pid run/mailproxy.pid;"))
+    for folder in ("conf", "var"):
+        (tmp_path / folder / "run").mkdir(parents=True)
     config = configmod.load(str(path))
     assert (config.prefix, config.conf_prefix) == (str(tmp_path / "conf"),) * 2
     assert config.resolve(config.pid) == str(tmp_path / "conf" / "run" / "mailproxy.pid")

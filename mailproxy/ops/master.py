@@ -36,7 +36,7 @@ import time
 from .. import NGINX_COMPAT, __version__, log as logmod
 from ..config import ConfigError
 from ..listening import close_sockets, open_sockets, socket_plan
-from ..server import drop_privileges, run_worker, worker_uid
+from ..server import drop_privileges, run_worker, worker_uid, write_pid
 from ..tls_context import prepare as prepare_tls
 from . import metrics
 from .status import open_socket as open_status_socket, serve_process as serve_status
@@ -75,14 +75,14 @@ class Master:
             if self.config.status_listen:
                 self.status_socket = open_status_socket(self.config.status_listen)
         except OSError as exc:
-            close_sockets(self.sockets)     # opened before the status socket failed
             self.log.log(logmod.LEVELS["emerg"], "%s", exc.strerror)
-            return 1
+            return self.give_up()
+        if not write_pid(self.config, self.log):
+            return self.give_up()
         self.log.log(logmod.NOTICE, "mailproxy/%s (%s)", __version__, NGINX_COMPAT)
         self.log.log(logmod.NOTICE, "master process %d, %d worker processes", os.getpid(),
                      self.config.worker_processes)
         self.original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        self._write_pid()
         self.table = metrics.Table(metrics.slots_for(self.config.worker_processes))
         try:
             self.spawn(self.config.worker_processes)
@@ -96,6 +96,14 @@ class Master:
             self.log.log(logmod.NOTICE, "exit")
             self.destinations.close()
         return 0
+
+    def give_up(self):
+        """Close what run() opened before it failed to start; exit status 1."""
+        close_sockets(self.sockets)
+        if self.status_socket:
+            self.status_socket.close()
+        self.destinations.close()
+        return 1
 
     def loop(self):
         while self.workers or self.status_pid or self.status_leaving or not self.stopping:
@@ -313,11 +321,6 @@ class Master:
         return True
 
     # --------------------------------------------------------- pid file
-
-    def _write_pid(self):
-        if self.config.pid:
-            with open(self.config.resolve(self.config.pid), "w") as file:
-                file.write(f"{os.getpid()}\n")
 
     def _move_pid_file(self, config):
         """A reload that names another `pid` file writes it (an OSError
