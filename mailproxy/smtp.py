@@ -115,7 +115,7 @@ class SmtpSession(Session):
     def read_command(self):
         body = words.line_body(self.client.readline(self.command_limit()))
         verb, rest = words.first_word(body)
-        if words.has_bare_cr(body) or not verb.isalpha():
+        if words.has_control(body) or not verb.isalpha():
             raise Rejected(INVALID, counted=True)
         args = words.split_words(rest)
         if len(args) > MAX_ARGUMENTS:

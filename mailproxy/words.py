@@ -25,6 +25,7 @@ from dataclasses import dataclass
 SP = b" "
 LF = b"\n"
 CR = b"\r"
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}")           # RFC 3501 9, RFC 7888
 LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}$")
 # The SASL mechanisms a client may name (sasl.EXCHANGES): only these are
@@ -68,6 +69,13 @@ def lines(data):
 def has_bare_cr(body):
     """A CR that is not part of the line end (refused by every parser)."""
     return CR in body
+
+
+def has_control(body):
+    """A control byte other than TAB (a bare CR included): SMTP refuses
+    the line, since its words reach the auth service's headers, where RFC
+    9110 5.5 forbids them (issue 16)."""
+    return CONTROL.search(body) is not None
 
 
 def first_word(text):

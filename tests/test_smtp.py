@@ -644,6 +644,27 @@ def test_mx_mode_rcpt_starts_auth_none_and_replays_mail_and_rcpt(
     assert finished(server).endswith(b"RCPT TO:<x@y> NOTIFY=NEVER\r\nRCPT TO:<z@y>\r\n")
 
 
+@pytest.mark.parametrize("line", [b"HELO client\x00.example\r\n", b"MAIL FROM:<a\x1b@b>\r\n",
+                                  b"RCPT TO:<c@d>\x08\r\n", b"MAIL FROM:<a@b>\x7f\r\n"])
+def test_mx_mode_control_bytes_never_reach_the_auth_service(smtp_proxy, auth_service, line):
+    """HELO, MAIL and RCPT go to the auth service as header values, where
+    RFC 9110 forbids control bytes: a command holding one (TAB aside) is an
+    invalid command (issue 16)."""
+    proxy = smtp_proxy("smtp_auth none;")
+    with greeted(proxy) as client:
+        client.send(b"HELO client.example\r\n")
+        assert client.line() == b"250 mx.test\r\n"
+        if not line.startswith(b"HELO"):
+            client.send(b"MAIL FROM:<a@b>\r\n" if line.startswith(b"RCPT") else b"")
+            if line.startswith(b"RCPT"):
+                assert client.line() == smtp.OK
+        client.send(line)
+        assert client.line() == smtp.INVALID
+        client.send(b"QUIT\r\n")
+        assert client.line() == smtp.BYE
+    assert auth_service.requests == []
+
+
 def test_mx_mode_without_xclient_replays_mail_and_rcpt_after_helo(
         smtp_proxy, auth_service, backend):
     server = backend(smtp_backend((b"MAIL FROM:<a@b>\r\n", b"250 ok\r\n"),
