@@ -490,3 +490,36 @@ def _listening(port):
         return True
     except OSError:
         return False
+
+
+# ----------------------------------------------------- what an attacker sees
+
+def _cpu_of_decide(service, **headers):
+    """The median CPU time of three decisions on the same request."""
+    times = []
+    for _ in range(3):
+        started = time.process_time()
+        service.decide(headers)
+        times.append(time.process_time() - started)
+    return sorted(times)[1]
+
+
+def test_an_unknown_login_costs_as_much_as_a_known_ones_check(service):
+    """An unknown login is checked against a decoy scrypt hash, so the time
+    to refuse it names no account (it was 100 times faster)."""
+    known = _cpu_of_decide(service, **{"Auth-Method": "plain", "Auth-User": "ann",
+                                       "Auth-Pass": "wrong", "Auth-Protocol": "imap",
+                                       "Client-IP": "10.1.1.1"})
+    unknown = _cpu_of_decide(service, **{"Auth-Method": "plain", "Auth-User": "nobody",
+                                         "Auth-Pass": "wrong", "Auth-Protocol": "imap",
+                                         "Client-IP": "10.1.1.2"})
+    assert unknown >= known / 2, (unknown, known)
+
+
+def test_the_failure_table_forgets_the_oldest_addresses(service, monkeypatch):
+    """One-off addresses (a scan) cannot grow the table without bound."""
+    monkeypatch.setattr(authservice, "MAX_TRACKED", 100)
+    for number in range(500):
+        service.failures.add(f"10.2.{number // 250}.{number % 250}")
+    assert len(service.failures.recent) <= 100
+    assert "10.2.1.249" in service.failures.recent        # the newest are kept

@@ -20,6 +20,12 @@ Failures are answered with a growing `Auth-Wait` (the proxy pauses before
 telling the client, then lets it try again), and a client address with too
 many recent failures is locked out for a while (`Auth-Error-Code: 454 4.7.0`
 for SMTP).  The file is re-read when it changes.
+
+What an attacker can learn is kept small: a PLAIN login for an unknown
+user (or one without a backend for the protocol) is checked against a
+decoy scrypt hash, so the refusal takes as long as a known user's; at most
+CHECKS_AT_ONCE scrypt checks run together (16 MB each); and the failure
+table keeps at most MAX_TRACKED client addresses.
 """
 
 import base64
@@ -42,6 +48,13 @@ FAILURES_BEFORE_LOCKOUT = 10    # per client address, within LOCKOUT_WINDOW
 LOCKOUT_WINDOW = 600            # seconds
 LOCKOUT_TIME = 300              # seconds
 RELOAD_CHECK = 1.0              # seconds between two looks at the users file
+MAX_TRACKED = 10000             # client addresses the failure table keeps at most
+CHECKS_AT_ONCE = 4              # scrypt checks run together: each takes 16 MB (N=2^14, r=8)
+# A hash of no one's password: an unknown login is checked against it, so it
+# takes as long as a known one and the answer's timing names no account.
+DECOY = ("{SCRYPT}16384$8$1$ZqUfAhDcAH4zSGhzH1qNig==$vJwF/xTULyvhX/X+TBlXZzhteENxiFkd9/ZT/"
+         "b87/JpY2YUihVGfA3tfAqocLyiiVl6z98CrmJByjcnjnuqyIg==")
+_scrypt_slots = threading.BoundedSemaphore(CHECKS_AT_ONCE)
 SCHEMES = ("{SCRYPT}", "{PLAIN}", "{PLAIN-B64}")
 INVALID = "Invalid login or password"
 LOCKED = "Too many failures, try again later"
@@ -96,8 +109,9 @@ def check_password(user, password):
     try:
         n, r, p, salt, digest = secret[8:].split("$")
         expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(password, salt=base64.b64decode(salt), n=int(n), r=int(r),
-                                p=int(p), dklen=len(expected))
+        with _scrypt_slots:         # a burst of logins must not take 16 MB each at once
+            actual = hashlib.scrypt(password, salt=base64.b64decode(salt), n=int(n), r=int(r),
+                                    p=int(p), dklen=len(expected))
     except ValueError:
         return False
     return hmac.compare_digest(actual, expected)
@@ -258,6 +272,20 @@ class Failures:
     def add(self, address):
         with self.lock:
             self.recent.setdefault(address, []).append(time.monotonic())
+            if len(self.recent) > MAX_TRACKED:
+                self._forget_oldest()
+
+    def _forget_oldest(self):
+        """Over MAX_TRACKED addresses: drop those whose failures are all past
+        LOCKOUT_WINDOW, then, if still over, the ones that failed longest
+        ago (called with `lock` held)."""
+        now = time.monotonic()
+        self.recent = {address: times for address, times in self.recent.items()
+                       if now - times[-1] < LOCKOUT_WINDOW}
+        if len(self.recent) > MAX_TRACKED:
+            by_age = sorted(self.recent, key=lambda address: self.recent[address][-1])
+            for address in by_age[:len(self.recent) - MAX_TRACKED]:
+                del self.recent[address]
 
 
 # ----------------------------------------------------------------- service
@@ -301,6 +329,9 @@ class AuthService(http.server.ThreadingHTTPServer):
         user = self.users.get(login.decode("utf-8", "replace"))
         if user and protocol in user.backends and _verify(user, method, headers):
             return _admit(user, protocol, needs_password=method != "plain")
+        if method == "plain" and (user is None or protocol not in user.backends):
+            # as slow as a known login's check: the timing names no account
+            check_password(User("", DECOY), _unescape(headers.get("Auth-Pass", "")))
         self.failures.add(client)
         return _refusal(INVALID, protocol, _attempt(headers))
 
