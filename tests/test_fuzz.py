@@ -31,6 +31,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -632,3 +633,71 @@ def _one_family(address, other):
     if address.version == 4 and other.version == 6:
         address = ipaddress.IPv6Address(f"::ffff:{address}")
     return str(address)
+
+
+# ------------------------------------------------- auth replies on the wire
+
+REPLY_NAMES = st.sampled_from(["Auth-Status", "Auth-Server", "Auth-Port", "Auth-User",
+                               "Auth-Pass", "Auth-Wait", "Auth-Error-Code", "auth-port",
+                               "X-Other", "Content-Length"])
+REPLY_VALUES = st.one_of(st.sampled_from(["OK", "WAIT", "127.0.0.1", "1143", "Invalid login",
+                                          "0", "joe"]),
+                         st.binary(max_size=12).map(lambda b: b.decode("latin-1")))
+REPLY_ENDS = st.sampled_from([b"\r\n", b"\n", b"\r", b"\r\n ", b"\r\n\t"])   # and folds
+
+
+class OneShotHttp:
+    """A loopback server that answers each connection with `reply` bytes
+    after the request's blank line, then closes."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(READ_LIMIT)
+        self.port = self.listener.getsockname()[1]
+        self.reply = b""
+
+    def serve_one(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(READ_LIMIT)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            conn.sendall(self.reply)
+
+
+@pytest.fixture(scope="module")
+def one_shot():
+    server = OneShotHttp()
+    yield server
+    server.listener.close()
+
+
+@fuzz("parse_reply")
+@given(headers=st.lists(st.tuples(REPLY_NAMES, REPLY_VALUES, REPLY_ENDS), max_size=8))
+def test_an_auth_reply_on_the_wire_is_an_answer_or_an_auth_service_error(one_shot, headers):
+    """Whatever the auth service writes (bare CRs, folds, repeats, control
+    bytes), the client gives an AuthReply whose texts hold no control byte
+    and whose backend port came from one Auth-Port line, or raises
+    AuthServiceError: nothing else, and never a silent second request."""
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(
+        name.encode() + b": " + value.encode("latin-1") + end for name, value, end in headers)
+    one_shot.reply = raw + b"\r\nContent-Length: 0\r\n\r\n"
+    client = auth_http.AuthClient(("127.0.0.1", one_shot.port, "/auth", None), 2.0)
+    thread = threading.Thread(target=one_shot.serve_one)
+    thread.start()
+    try:
+        reply = client.ask(auth_http.AuthRequest("plain", b"joe", b"pw", b"", "imap", 1,
+                                                 "127.0.0.1"))
+    except AuthServiceError:
+        return
+    finally:
+        thread.join(READ_LIMIT)
+        client.close()
+    for text in (reply.status, reply.error_code or ""):
+        assert not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", text), text
+    if reply.ok:
+        assert raw.lower().count(b"auth-port") == 1, raw
