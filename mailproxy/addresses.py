@@ -155,15 +155,25 @@ def auth_http_url(args):
 def _first_address(host, port, text):
     """nginx resolves the auth service's name once, at load, and uses the
     first address, IPv4 ones before IPv6 ones (ngx_inet_resolve_host)."""
+    found = sorted(_lookup(host, port) or [], key=lambda item: item[0] != socket.AF_INET)
+    if not found:
+        raise BadDirective(f'host not found in auth_http "{text}"')
+    return found[0][1]
+
+
+def _lookup(host, port):
+    """`host` resolved -> [(family, numeric address)], IPv4 and IPv6 only,
+    in the resolver's order, without duplicates; None if it is not found
+    (a name IDNA cannot encode is not found either)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise BadDirective(f'host not found in auth_http "{text}"') from None
-    found = [sockaddr[0] for family in (socket.AF_INET, socket.AF_INET6)
-             for kind, _, _, _, sockaddr in infos if kind == family]
-    if not found:
-        raise BadDirective(f'host not found in auth_http "{text}"')
-    return found[0]
+        return None
+    found = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr[0]) not in found:
+            found.append((family, sockaddr[0]))
+    return found
 
 
 def _unix_auth_http(text):
@@ -195,14 +205,13 @@ def real_ip_from(args):
         pass
     if "/" in text:
         raise BadValue(f'invalid network "{text}"')
-    try:
-        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
-        raise BadValue(f'host not found in "{text}"') from None
+    found = _lookup(text, None)
+    if found is None:
+        raise BadValue(f'host not found in "{text}"')
     networks = []
-    for family, _, _, _, sockaddr in infos:
-        network = ipaddress.ip_network(sockaddr[0].partition("%")[0])
-        if family in (socket.AF_INET, socket.AF_INET6) and network not in networks:
+    for _, address in found:
+        network = ipaddress.ip_network(address.partition("%")[0])
+        if network not in networks:
             networks.append(network)
     return tuple(networks)
 
@@ -299,14 +308,9 @@ def _resolve(addr, port):
     if addr in ("*", ""):
         return [(socket.AF_INET, "0.0.0.0")]
     host = addr[1:-1] if addr.startswith("[") else addr
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):     # a name IDNA cannot encode is not found
-        raise BadValue(f'host not found in "{addr}:{port}"') from None
-    found = []
-    for family, _, _, _, sockaddr in infos:
-        if (family, sockaddr[0]) not in found and family in (socket.AF_INET, socket.AF_INET6):
-            found.append((family, sockaddr[0]))
+    found = _lookup(host, port)
+    if found is None:
+        raise BadValue(f'host not found in "{addr}:{port}"')
     return found
 
 
