@@ -1,4 +1,6 @@
-"""Session-wide real peers: one Dovecot and one Postfix for the whole suite.
+"""Session-wide real peers: one Dovecot and one Postfix for the whole suite;
+and `echo_peers`, the scripted auth service and echoing backend that the
+process-level tests (the master, a worker out of descriptors) log in through.
 
 Starting a real server costs a fraction of a second, so each starts once.
 When one cannot run here, its tests are skipped on a developer's machine but
@@ -8,6 +10,7 @@ fail under CI (``CI=true``), where .ci/run is meant to have installed it.
 import pytest
 
 import peers
+from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 
 # Test accounts on the Dovecot backend; ann's password has spaces on purpose
 # (IMAP must quote it, POP3 sends it as the rest of the PASS line).
@@ -38,3 +41,14 @@ def postfix():
     peer = _started(peers.Postfix())
     yield peer
     peer.stop()
+
+
+@pytest.fixture
+def echo_peers():
+    """(auth service, backend): the auth service sends every login to a
+    backend that takes `a LOGIN joe secret` and then echoes (fakes.py)."""
+    backend = ScriptedBackend(IMAP_LOGIN_THEN_ECHO)
+    auth = ScriptedAuthService(ok("127.0.0.1", backend.port))
+    yield auth, backend
+    auth.close()
+    backend.close()

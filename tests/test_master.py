@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 from harness import Client, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOGIN = IMAP_LOGIN_THEN_ECHO
 CONFIG = """\
 {top}worker_processes 2;
 error_log {log} info;
@@ -89,17 +87,8 @@ class Master:
 
 
 @pytest.fixture
-def peers():
-    backend = ScriptedBackend(LOGIN)
-    auth = ScriptedAuthService(ok("127.0.0.1", backend.port))
-    yield auth, backend
-    auth.close()
-    backend.close()
-
-
-@pytest.fixture
-def master(tmp_path, peers):
-    auth, _ = peers
+def master(tmp_path, echo_peers):
+    auth, _ = echo_peers
     running = Master(tmp_path, auth.url[len("http://"):])
     yield running
     running.stop()
@@ -259,12 +248,12 @@ def test_usr1_reopens_the_log_after_it_was_moved(master):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="workers run as another user only under root")
-def test_usr1_gives_the_reopened_log_to_the_worker_user(peers):
+def test_usr1_gives_the_reopened_log_to_the_worker_user(echo_peers):
     """With `user nobody`, the master recreates error.log as root and gives
     it to nobody before the workers reopen it, as nginx's master does."""
     folder = Path(tempfile.mkdtemp(prefix="mp-user-", dir="/tmp"))
     folder.chmod(0o755)                 # the workers (nobody) must reach the file
-    auth, _ = peers
+    auth, _ = echo_peers
     running = Master(folder, auth.url[len("http://"):], top="user nobody nogroup;\n")
     try:
         moved = folder / "error.log.1"

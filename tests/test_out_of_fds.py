@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 from harness import Client, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,17 +62,8 @@ class Proxy:
 
 
 @pytest.fixture
-def peers():
-    backend = ScriptedBackend(IMAP_LOGIN_THEN_ECHO)
-    auth = ScriptedAuthService(ok("127.0.0.1", backend.port))
-    yield auth, backend
-    auth.close()
-    backend.close()
-
-
-@pytest.fixture
-def proxy(tmp_path, peers):
-    auth, _ = peers
+def proxy(tmp_path, echo_peers):
+    auth, _ = echo_peers
     running = Proxy(tmp_path, auth.url[len("http://"):])
     yield running
     running.stop()
@@ -93,8 +83,8 @@ def test_accept_out_of_descriptors_is_logged_at_crit_and_pauses(proxy):
         client.close()
 
 
-def test_a_backend_socket_out_of_descriptors_gives_the_internal_error(proxy, peers):
-    auth, backend = peers
+def test_a_backend_socket_out_of_descriptors_gives_the_internal_error(proxy, echo_peers):
+    auth, backend = echo_peers
     with Client(proxy.port) as client:             # leaves one kept auth connection
         client.line()
         client.send(b"a LOGIN joe secret\r\n")
