@@ -24,7 +24,8 @@ One login, followed through the modules in the order it touches them:
 stream.py is the bounded line reader under all of them (blocking sockets,
 each read and write under what is left of the phase's deadline); tls.py
 gives a TLS connection the same face; ops/splice.py moves bulk bytes inside
-the kernel beside relay.py's copy loop; listening.py opens the listening
+the kernel beside relay.py's copy loop; auth_transport.py carries
+auth_http.py's requests under one deadline; listening.py opens the listening
 sockets; log.py formats nginx-style log lines.  Everything but cli.py is
 importable without click.
 

@@ -20,7 +20,7 @@ descriptors must be back to where they were (bounded wait).  The proxy runs
 in this process, so /proc/self/fd counts its descriptors together with the
 fakes' and the clients'; the only ones left out are the auth service's
 keep-alive connections (both ends), which the proxy keeps on purpose in a
-pool of at most `auth_http.POOL_SIZE` per server; their number is checked
+pool of at most `auth_transport.POOL_SIZE` per server; their number is checked
 against that bound instead.
 
 `tests/bench/faults.py` runs the same campaign with thousands of sessions.
@@ -45,7 +45,7 @@ import fakes
 from fakes import Hang, ScriptedAuthService, ScriptedBackend
 from harness import RunningProxy, free_port, wait_until
 from mailproxy import imap, pop3, smtp
-from mailproxy.auth_http import POOL_SIZE
+from mailproxy.auth_transport import POOL_SIZE
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 1                 # `timeout` and `auth_http_timeout`, seconds
