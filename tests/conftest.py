@@ -11,6 +11,7 @@ import pytest
 
 import peers
 from mailproxy import server
+from mailproxy.reference import demo_backends
 from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 
 # Test accounts on the Dovecot backend; ann's password has spaces on purpose
@@ -23,6 +24,9 @@ USERS = {'joe': 'secret', 'ann': 'pa ss word'}
 # about a third of the suite.  The tests check what a stop does, not how
 # often a listener looks; processes started by the tests keep the 0.2 s.
 server.POLL_INTERVAL = 0.01
+# The same for the demo backends served in this process (test_conf_styles):
+# close() stops its three servers in turn, each after up to 0.1 s.
+demo_backends.POLL_INTERVAL = 0.01
 
 
 def _started(peer):
