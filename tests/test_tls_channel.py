@@ -28,7 +28,7 @@ from mailproxy import imap
 
 pytest_plugins = ("proxying", "certs")
 
-TRICKLE = 0.3           # seconds between two bytes: far less than the timeout
+TRICKLE = 0.15          # seconds between two bytes: far less than the timeout
 MEGABYTES = 3 * 1024 * 1024
 DEADLINE = 60           # seconds for a whole exchange (a bound, not a goal)
 LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
@@ -131,7 +131,7 @@ def test_a_client_hello_trickled_a_byte_at_a_time_is_cut_at_timeout(start_proxy,
     """Each byte comes well inside `timeout`, but the whole dialogue may
     not take longer than it: the same cut as for clear text."""
     port = free_port()
-    proxy = start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl; timeout 2s;"],
+    proxy = start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl; timeout 1s;"],
                         mail=f"ssl_certificate {certs.rsa.cert};\n"
                              f"ssl_certificate_key {certs.rsa.key};")
     client = BioClient(port, certs)
@@ -140,14 +140,14 @@ def test_a_client_hello_trickled_a_byte_at_a_time_is_cut_at_timeout(start_proxy,
     started = time.monotonic()
     sender = threading.Thread(target=trickle, args=(client.sock, hello), daemon=True)
     sender.start()
-    assert 1.8 <= closed_after(client.sock, started) < 4
+    assert 0.9 <= closed_after(client.sock, started) < 3
     proxy.wait_log("client timed out")
     client.close()
 
 
 def test_a_command_record_trickled_after_the_handshake_is_cut_at_timeout(start_proxy, certs):
     port = free_port()
-    proxy = start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl; timeout 2s;"],
+    proxy = start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl; timeout 1s;"],
                         mail=f"ssl_certificate {certs.rsa.cert};\n"
                              f"ssl_certificate_key {certs.rsa.key};")
     client = BioClient(port, certs)
@@ -157,7 +157,7 @@ def test_a_command_record_trickled_after_the_handshake_is_cut_at_timeout(start_p
     client.tls.sendall(b"a NOOP\r\n" + b"x" * 64)
     record = client.take()
     threading.Thread(target=trickle, args=(client.sock, record), daemon=True).start()
-    assert 1.5 <= closed_after(client.sock, started) < 4
+    assert 0.7 <= closed_after(client.sock, started) < 3
     proxy.wait_log("client timed out")
     client.close()
 
