@@ -199,9 +199,10 @@ class ImapSession(Session):
     def auth_failed_reply(self, reply):
         return _tagged(self.tag, b"NO " + reply.status.encode("latin-1"))
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
         return backend.imap_login(stream, self.tag, login, password,
-                                  self.config.proxy_buffer, self.set_step, starttls)
+                                  self.config.proxy_buffer, self.set_step, starttls,
+                                  origin, self.log)
 
 
 def _capability(items):
