@@ -9,12 +9,13 @@ waits.  The auth service here is scripted: it reads Auth-Backend-Failed as
 a real one would, and the tests check every request it received.
 """
 
+import re
 import socket
 
 import pytest
 
 from fakes import ScriptedAuthService, ScriptedBackend, fail, ok
-from harness import RunningProxy
+from harness import RunningProxy, wait_until
 from mailproxy import imap, pop3, smtp
 from mailproxy.config import ConfigError, load
 
@@ -36,10 +37,39 @@ LIVE = {
 
 # ---------------------------------------------------------------- fixtures
 
-@pytest.fixture
-def auth():
+class AuthView:
+    """The module's scripted auth service as one test sees it: the reply
+    it sets, and only the requests made since it started."""
+
+    def __init__(self, service):
+        self.service, self.since = service, len(service.requests)
+
+    @property
+    def url(self):
+        return self.service.url
+
+    @property
+    def requests(self):
+        return self.service.requests[self.since:]
+
+    @property
+    def reply(self):
+        return self.service.reply
+
+    @reply.setter
+    def reply(self, reply):
+        self.service.reply = reply
+
+
+@pytest.fixture(scope="module")
+def auth_service():
     with ScriptedAuthService() as service:
         yield service
+
+
+@pytest.fixture
+def auth(auth_service):
+    return AuthView(auth_service)
 
 
 @pytest.fixture
@@ -55,21 +85,21 @@ def peers():
         backend.close()
 
 
-@pytest.fixture
-def start(tmp_path, auth):
-    """start(protocol, settings) -> a RunningProxy asking `auth`."""
-    started = []
+@pytest.fixture(scope="module")
+def proxies(tmp_path_factory, auth_service):
+    """proxies(protocol, settings) -> the module's RunningProxy asking the
+    auth service, one per protocol and settings, under `timeout 1s`."""
+    started = {}
 
     def run(protocol="imap", settings="proxy_backend_tries 3;"):
-        directory = tmp_path / f"proxy{len(started)}"
-        directory.mkdir()
-        proxy = RunningProxy(directory, mail=f"server_name mx.test; auth_http {auth.url};\n"
-                                             f"timeout 1s;\n{settings}",
-                             servers=[f"protocol {protocol};"])
-        started.append(proxy)
-        return proxy
+        if (protocol, settings) not in started:
+            started[protocol, settings] = RunningProxy(
+                tmp_path_factory.mktemp("proxy"), servers=[f"protocol {protocol};"],
+                mail=f"server_name mx.test; auth_http {auth_service.url};\n"
+                     f"timeout 1s;\n{settings}")
+        return started[protocol, settings]
     yield run
-    for proxy in started:
+    for proxy in started.values():
         proxy.stop()
 
 
@@ -94,7 +124,8 @@ def failed_headers(request):
 
 
 def log_in(proxy, protocol="imap"):
-    """Log in through the proxy; the line the client gets after the login."""
+    """Log in through the proxy: the line the client gets after the login,
+    and the client's port (for session_log)."""
     _, greeting, lines, _ = LIVE[protocol]
     with proxy.client() as client:
         assert client.line() == greeting
@@ -102,25 +133,34 @@ def log_in(proxy, protocol="imap"):
         reply = client.line()
         if protocol == "pop3" and reply == pop3.OK:    # USER's +OK
             reply = client.line()
-        return reply
+        return reply, client.sock.getsockname()[1]
+
+
+def session_log(proxy, port):
+    """The log lines of the session of the client at 127.0.0.1:`port`,
+    once it is done (the module's proxies serve many tests)."""
+    opened = re.compile(rf"\*(\d+) client 127\.0\.0\.1:{port} connected")
+    conn = f"*{wait_until(lambda: opened.search(proxy.log())).group(1)} "
+    proxy.wait_log(f"{conn}session done")
+    return [line for line in proxy.log().splitlines() if conn in line]
 
 
 # ------------------------------------------------------------------ tests
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_a_stopped_backend_is_passed_over_for_the_next_one(start, auth, peers, host):
+def test_a_stopped_backend_is_passed_over_for_the_next_one(proxies, auth, peers, host):
     live = peers(LIVE_IMAP)
     dead = closed_port(host)
     auth.reply = by_failures((host, dead), ("127.0.0.1", live.port))
-    proxy = start()
-    assert log_in(proxy) == b"a OK logged in\r\n"
+    proxy = proxies()
+    reply, port = log_in(proxy)
+    assert reply == b"a OK logged in\r\n"
     first, second = auth.requests
     named = f"[{host}]:{dead}" if ":" in host else f"{host}:{dead}"
     assert (failed_headers(first), failed_headers(second)) == ([], [named])
     assert first.header("Auth-Login-Attempt") == second.header("Auth-Login-Attempt") == "1"
     assert [name for name, _ in second.headers][-1] == "Auth-Backend-Failed"
-    proxy.wait_log("client logged in, proxying to 127.0.0.1:")
-    warning = next(line for line in proxy.log().splitlines() if "[warn]" in line)
+    [warning] = [line for line in session_log(proxy, port) if "[warn]" in line]
     assert f"connect() failed (111: Connection refused), backend 1 of 3 while connecting " \
            f"to upstream, client: 127.0.0.1, server: 127.0.0.1:{proxy.port}, login: \"joe\", " \
            f"upstream: {named}" in warning
@@ -129,75 +169,78 @@ def test_a_stopped_backend_is_passed_over_for_the_next_one(start, auth, peers, h
 
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3", "smtp"])
-def test_a_backend_that_closes_before_its_greeting_is_passed_over(start, auth, peers,
+def test_a_backend_that_closes_before_its_greeting_is_passed_over(proxies, auth, peers,
                                                                     protocol):
     script, _, _, logged_in = LIVE[protocol]
     mute, live = peers([("close",)]), peers(script)
     auth.reply = by_failures(("127.0.0.1", mute.port), ("127.0.0.1", live.port))
-    proxy = start(protocol, "proxy_backend_tries 2;")
-    assert log_in(proxy, protocol) == logged_in
+    proxy = proxies(protocol, "proxy_backend_tries 2;")
+    reply, port = log_in(proxy, protocol)
+    assert reply == logged_in
     assert [failed_headers(request) for request in auth.requests] == \
         [[], [f"127.0.0.1:{mute.port}"]]
-    proxy.wait_log("upstream prematurely closed connection, backend 1 of 2 while reading "
-                   "response from upstream")
+    [warning] = [line for line in session_log(proxy, port) if "[warn]" in line]
+    assert "upstream prematurely closed connection, backend 1 of 2 while reading " \
+           "response from upstream" in warning
     live.wait_connections(1)
     assert live.errors == []
 
 
-def test_a_backend_that_never_greets_gets_its_own_timeout(start, auth, peers):
+def test_a_backend_that_never_greets_gets_its_own_timeout(proxies, auth, peers):
     silent, live = peers([("sleep", 5)]), peers(LIVE_IMAP)
     auth.reply = by_failures(("127.0.0.1", silent.port), ("127.0.0.1", live.port))
-    proxy = start()
-    assert log_in(proxy) == b"a OK logged in\r\n"
+    proxy = proxies()
+    reply, port = log_in(proxy)
+    assert reply == b"a OK logged in\r\n"
     assert failed_headers(auth.requests[1]) == [f"127.0.0.1:{silent.port}"]
-    proxy.wait_log("[warn]")
-    assert "upstream timed out, backend 1 of 3 while reading response from upstream" \
-        in proxy.log()
+    [warning] = [line for line in session_log(proxy, port) if "[warn]" in line]
+    assert "upstream timed out, backend 1 of 3 while reading response from upstream" in warning
 
 
-def test_when_every_try_fails_the_client_gets_the_internal_error(start, auth):
+def test_when_every_try_fails_the_client_gets_the_internal_error(proxies, auth):
     dead = [closed_port() for _ in range(3)]
     auth.reply = by_failures(*(("127.0.0.1", port) for port in dead))
-    proxy = start()
-    assert log_in(proxy) == imap.INTERNAL_ERROR
+    proxy = proxies()
+    reply, port = log_in(proxy)
+    assert reply == imap.INTERNAL_ERROR
     assert [failed_headers(request) for request in auth.requests] == [
         [], [f"127.0.0.1:{dead[0]}"], [f"127.0.0.1:{dead[0]}", f"127.0.0.1:{dead[1]}"]]
     assert len({request.header("Auth-Login-Attempt") for request in auth.requests}) == 1
-    proxy.wait_log("session done")
-    log = proxy.log()
+    log = session_log(proxy, port)
     assert [f"backend {n} of 3" for n in (1, 2, 3)] == \
-        [line[line.index("backend "):][:14] for line in log.splitlines() if "[warn]" in line]
-    assert "[error]" in next(line for line in log.splitlines()
+        [line[line.index("backend "):][:14] for line in log if "[warn]" in line]
+    assert "[error]" in next(line for line in log
                              if "no backend could be reached in 3 tries" in line)
 
 
-def test_the_auth_service_may_refuse_instead_of_naming_another(start, auth):
+def test_the_auth_service_may_refuse_instead_of_naming_another(proxies, auth):
     dead = closed_port()
     auth.reply = lambda request: fail("No backend left") if failed_headers(request) \
         else ok("127.0.0.1", dead)
-    assert log_in(start()) == b"a NO No backend left\r\n"
+    assert log_in(proxies())[0] == b"a NO No backend left\r\n"
     assert len(auth.requests) == 2
 
 
-def test_one_try_is_nginx_behaviour(start, auth):
+def test_one_try_is_nginx_behaviour(proxies, auth):
     dead = closed_port()
     auth.reply = ok("127.0.0.1", dead)
-    proxy = start(settings="")
-    assert log_in(proxy) == imap.INTERNAL_ERROR
+    proxy = proxies(settings="")
+    reply, port = log_in(proxy)
+    assert reply == imap.INTERNAL_ERROR
     [request] = auth.requests
     assert failed_headers(request) == []
-    proxy.wait_log("session done")
-    assert "[warn]" not in proxy.log()
-    assert "[error]" in next(line for line in proxy.log().splitlines()
+    log = session_log(proxy, port)
+    assert [line for line in log if "[warn]" in line] == []
+    assert "[error]" in next(line for line in log
                              if "connect() failed (111: Connection refused)" in line)
 
 
-def test_a_refused_backend_login_is_not_failed_over(start, auth, peers):
+def test_a_refused_backend_login_is_not_failed_over(proxies, auth, peers):
     """Failover is for a backend that cannot be reached, not for one
     that refuses the login."""
     refusing = peers(LIVE_IMAP[:4] + [("send", b"a NO [AUTHENTICATIONFAILED] no\r\n")])
     auth.reply = ok("127.0.0.1", refusing.port)
-    assert log_in(start()) == imap.INTERNAL_ERROR
+    assert log_in(proxies())[0] == imap.INTERNAL_ERROR
     assert len(auth.requests) == 1
 
 
