@@ -157,14 +157,16 @@ class AuthClient:
         return headers
 
     def wire_headers(self, request):
-        """headers_for() as requests must get them: bytes values (so logins
-        pass byte for byte), urllib3's own Accept-Encoding and User-Agent
-        suppressed so nothing comes before Host, in an HTTPHeaderDict, where
-        a name may repeat (Auth-Backend-Failed)."""
+        """headers_for() as they go out: an HTTPHeaderDict, where a name may
+        repeat (Auth-Backend-Failed), of str values that http.client sends
+        as latin-1, so each is the bytes meant (a login's one-to-one, an
+        `auth_http_header` value in UTF-8); urllib3's own Accept-Encoding
+        and User-Agent are suppressed so nothing comes before Host."""
         headers = HTTPHeaderDict()
         for name, value in self.headers_for(request)[:-len(self.extra_headers) or None]:
-            headers.add(name, value.encode("latin-1"))
-        headers.update((name, value.encode()) for name, value in self.extra_headers)
+            headers.add(name, value)
+        headers.update((name, value.encode().decode("latin-1"))
+                       for name, value in self.extra_headers)
         headers.update({"Accept-Encoding": SKIP_HEADER, "User-Agent": SKIP_HEADER})
         return headers
 
@@ -177,8 +179,11 @@ class AuthClient:
         prepared = self.template.copy()
         headers = self.wire_headers(request)
         try:
-            prepared.prepare_headers(headers)   # checks every name and value
-            prepared.headers = headers          # with its repeated names
+            # requests checks each name and value; as bytes, since its check
+            # of a str takes a leading \xa0 (a login's byte) for a space.
+            prepared.prepare_headers({name: value.encode("latin-1")
+                                      for name, value in headers.items()})
+            prepared.headers = headers          # and this goes out, repeated names kept
             response = self.http.send(prepared, timeout=(self.timeout, self.timeout),
                                       stream=True, allow_redirects=False)
         except requests.RequestException as exc:

@@ -186,6 +186,19 @@ def test_a_backend_that_closes_before_its_greeting_is_passed_over(proxies, auth,
     assert live.errors == []
 
 
+def test_a_greeting_that_is_not_one_is_passed_over_not_shown(proxies, auth, peers):
+    """With proxy_pass_error_message on, a backend's refusal of the login
+    reaches the client; a backend that greets with BYE is failed over."""
+    busy, live = peers([("send", b"* BYE too many connections\r\n")]), peers(LIVE_IMAP)
+    auth.reply = by_failures(("127.0.0.1", busy.port), ("127.0.0.1", live.port))
+    proxy = proxies(settings="proxy_backend_tries 2; proxy_pass_error_message on;")
+    reply, port = log_in(proxy)
+    assert reply == b"a OK logged in\r\n"
+    [warning] = [line for line in session_log(proxy, port) if "[warn]" in line]
+    assert 'upstream sent invalid response: "* BYE too many connections", backend 1 of 2' \
+        in warning
+
+
 def test_a_backend_that_never_greets_gets_its_own_timeout(proxies, auth, peers):
     silent, live = peers([("sleep", 5)]), peers(LIVE_IMAP)
     auth.reply = by_failures(("127.0.0.1", silent.port), ("127.0.0.1", live.port))
