@@ -101,15 +101,16 @@ def refused(session, reply):
     session.log.info('client login failed: "%s"', reply.status)
     if not reply.wait:
         session.ended("auth")
+        session.client.set_deadline(session.config.timeout)     # a client that stops reading
         session.send(session.auth_failed_reply(reply))
         session.quit = True
         return
     session.client.wait(reply.wait, session.command_limit())
+    session.client.set_deadline(session.config.timeout)     # the reply and the next try
     session.send(session.auth_failed_reply(reply))
     session.back_to_start()
     session.set_step("in auth state")
     session.enter(metrics.GREETING)
-    session.client.set_deadline(session.config.timeout)
 
 
 def connect_backend(session, credentials, reply):

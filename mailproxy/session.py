@@ -255,7 +255,12 @@ class Session(socketserver.BaseRequestHandler):
         self.client.write(data)
 
     def send_quietly(self, data):
-        """A last word before closing; the client may already be gone."""
+        """A last word before closing; the client may already be gone, or
+        have stopped reading.  After the auth step the client has no
+        deadline: the word gets a fresh `timeout`, as nginx's
+        ngx_mail_send() arms one for a blocked write."""
+        if self.client.deadline is None:
+            self.client.set_deadline(self.config.timeout)
         try:
             self.client.write(data)
         except (OSError, Closed, TimeoutError):
