@@ -17,6 +17,12 @@ backends), its client Stream and log, the protocol hooks
 (auth_extra_headers, auth_failed_reply, back_to_start, backend_login,
 relay_buffers)
 and the fields the logs and the status page show.
+
+Deadlines (SECURITY.md, "Deadlines, phase by phase"): the client has none
+while the auth service is asked (`auth_http_timeout` per request), during
+an Auth-Wait (the wait itself) and while the backend logs in (`timeout`
+from the connect); each write to the client afterwards, and the next try
+after an Auth-Wait, has a fresh `timeout`.
 """
 
 import functools

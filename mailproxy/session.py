@@ -19,9 +19,10 @@ never talks to the auth service or the backend.
 
 The shared machinery lives here: the `timeout` deadline for the pre-login
 phase (set on the client Stream, which re-arms the socket's timeout with
-what is left of it before every read and write), the `max_errors` budget,
-SASL exchanges, STARTTLS, and the single place where every exception
-becomes a log line and, if still possible, a reply.
+what is left of it before every read and write, so a client that drips its
+bytes gains no time; SECURITY.md lists the deadline of every phase), the
+`max_errors` budget, SASL exchanges, STARTTLS, and the single place where
+every exception becomes a log line and, if still possible, a reply.
 
 Handlers raise, they do not write error replies: `Rejected(reply)` for a
 refused command, `InternalError` for a failure the client can only be told

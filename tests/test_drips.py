@@ -69,8 +69,9 @@ RELAY_BYTES = 10            # the backend's relay drip: RELAY_BYTES, RELAY_GAP a
 CLIENT_TIMEOUT = 10         # the longest a client waits for the proxy to act
 SETTLE_TIMEOUT = 15
 PADDING = b" " + b"." * 60  # makes a dripped line last past any deadline here
-HUGE = 8 * 1024 * 1024      # proxy_buffer of the server whose backend refuses at length
-SMALL_WINDOW = 4096         # SO_RCVBUF of the client that stops reading
+HUGE = 1024 * 1024          # proxy_buffer of the server whose backend refuses at length,
+SMALL_WINDOW = 4096         # many times what its client (SO_RCVBUF SMALL_WINDOW) and the
+SMALL_SEND = 32768          # proxy (listen sndbuf=SMALL_SEND) hold when the client stops reading
 SECRET = b"drip-pw-"        # every password starts so; none may reach the log
 SASL_START = base64.b64encode(b"\0joe\0dri")    # how every SASL answer here starts
 
@@ -336,21 +337,21 @@ class Runs:
         expect(heard == data, f"echoed {bytes(heard)!r}")
         return self.done(conn)
 
-    def relay_backend(self, serial, gap):
-        conn = self.logged_in("imap", f"b-relay-drip.{serial}", serial)
+    def relay_to_the_end(self, user, serial, expected, problem):
+        """Log in, then only listen: the relay must end, after `expected`."""
+        conn = self.logged_in("imap", f"{user}.{serial}", serial)
         conn.expect(SUCCESS["imap"])
         heard = bytearray()
-        expect(hear(conn.sock, CLIENT_TIMEOUT, heard), "still open after the backend's drip")
-        expect(heard == b"." * RELAY_BYTES, f"cut after {len(heard)} bytes while they moved")
+        expect(hear(conn.sock, CLIENT_TIMEOUT, heard), "the relay never ended")
+        expect(heard == expected, f"{problem}: heard {bytes(heard)!r}")
         return self.done(conn)
 
+    def relay_backend(self, serial, gap):
+        return self.relay_to_the_end("b-relay-drip", serial, b"." * RELAY_BYTES,
+                                     "cut while bytes moved")
+
     def relay_idle(self, serial, gap):
-        conn = self.logged_in("imap", f"b-good-imap.{serial}", serial)
-        conn.expect(SUCCESS["imap"])
-        heard = bytearray()
-        expect(hear(conn.sock, CLIENT_TIMEOUT, heard), "an idle relay not cut")
-        expect(heard == b"", f"unexpected {bytes(heard)!r}")
-        return self.done(conn)
+        return self.relay_to_the_end("b-good-imap", serial, b"", "unexpected bytes")
 
     def stops_reading(self, serial, gap):
         """Reads nothing after its login: the proxy's write of the long
@@ -430,15 +431,16 @@ class Drips(Runs):
         self.backends = {name: ScriptedBackend(script, io_timeout=CLIENT_TIMEOUT)
                          for name, script in backend_scripts(self.gap).items()}
         self.tls_port, self.proxy_port = free_port(), free_port()
+        self.long_refusal_port = free_port()
         servers = ["protocol imap;", "protocol pop3;", "protocol smtp;",
                    f"protocol imap;\nlisten {LOOPBACK}:{self.tls_port} ssl;",
                    f"protocol imap;\nlisten {LOOPBACK}:{self.proxy_port} proxy_protocol;",
-                   f"protocol imap;\nproxy_pass_error_message on;\nproxy_buffer {HUGE};"]
+                   f"protocol imap;\nlisten {LOOPBACK}:{self.long_refusal_port} "
+                   f"sndbuf={SMALL_SEND};\nproxy_pass_error_message on;\nproxy_buffer {HUGE};"]
         mail = (MAIL + f"auth_http {self.auth.url};\nssl_certificate {certs.rsa.cert};\n"
                 f"ssl_certificate_key {certs.rsa.key};")
         self.proxy = RunningProxy(directory, mail=mail, servers=servers, level=level)
         self.port = dict(zip(SERVERS, self.proxy.ports))
-        self.long_refusal_port = self.port["imap-long-refusal"]
 
     def close(self):
         self.proxy.stop()
