@@ -199,10 +199,10 @@ class Worker:
                          for server, logger in zip(config.servers, loggers)]
         self.table = self.status = None
         if single:
-            self.table = metrics.Table(1)
+            self.table = metrics.Table.private()
             self.table.attach(0, os.getpid())
             meter = self.table.meter(0)
-        self.meter = meter or metrics.Meter.unshared()
+        self.meter = meter
 
     # ------------------------------------------------------- sessions
 
@@ -380,7 +380,7 @@ def _peer_host(address):
     return address[0] if address else "unix:"
 
 
-def run_worker(config, sockets, meter=None):
+def run_worker(config, sockets, meter):
     """A worker process under the master: set up as root (logs, keys,
     limits), then drop privileges, then serve the inherited sockets,
     counting into `meter` (its slot of the master's metrics table)."""
