@@ -571,6 +571,20 @@ def test_a_killed_status_process_is_replaced(cli):
     assert len(page.worker_pids()) == 2
 
 
+def test_the_status_process_ignores_hup_usr1_quit_and_ends_on_term(cli):
+    """As docs/operations.md says: the signals the master passes on to its
+    workers leave the status process serving; SIGTERM ends it, and the
+    master starts another."""
+    victim = cli.status_pid()
+    assert victim
+    for signo in (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT):
+        os.kill(victim, signo)
+    assert scrape(cli.status_port) and cli.status_pid() == victim and not gone(victim)
+    os.kill(victim, signal.SIGTERM)
+    assert eventually(lambda: cli.status_pid() not in (None, victim)), cli.log()
+    assert f"status process {victim} exited with code -15, starting a new one" in cli.log()
+
+
 def test_the_status_process_leaves_with_a_killed_master(cli):
     """A master killed outright must not leave the status port bound.
     (Its workers stay, as nginx's do: this test ends them itself.)"""
