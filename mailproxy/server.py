@@ -414,13 +414,16 @@ def set_rlimit_nofile(limit, log):
 
 
 def drop_privileges(user):
-    """`user name [group];`: only root can, and must, give its rights away."""
+    """`user name [group];`: only root can, and must, give its rights away:
+    the group, the user's supplementary groups (initgroups, as nginx),
+    then the user."""
     if user is None or os.geteuid() != 0:
         return
     name, group = user
     account = pwd.getpwnam(name)
-    os.setgroups([])
-    os.setgid(grp.getgrnam(group).gr_gid if group else account.pw_gid)
+    gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
+    os.setgid(gid)
+    os.initgroups(name, gid)
     os.setuid(account.pw_uid)
 
 

@@ -26,7 +26,11 @@ the status page (status.py), restarted like a worker if it dies.  The
 counters it shows live in memory the master maps before its first fork;
 each worker is given one block of it, its *slot* (metrics.py).
 
-`worker_processes 1` needs none of this: server.run() serves in-process.
+`worker_processes 1` needs none of this: server.run() serves in-process,
+unless the process was started as root with `user` (`needed()`): then, as
+nginx always does, a master and one worker, so that sessions never run as
+root while the master keeps the rights to reopen logs for the worker user,
+remove the pid file and reload.
 """
 
 import os
@@ -49,6 +53,12 @@ HANDLED = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.
 STATUS_IGNORES = (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT)
 TICK = 1.0                  # seconds between looks at the children when no signal comes
 RESPAWN_PAUSE = 1.0         # a worker that dies at once is not restarted in a tight loop
+
+
+def needed(config):
+    """Does this configuration run as a master and workers?  With more
+    than one worker; and with one, if it must give up root for `user`."""
+    return config.worker_processes > 1 or bool(worker_uid(config.user))
 
 
 class Master:
