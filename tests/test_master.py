@@ -271,7 +271,9 @@ def test_usr1_gives_the_reopened_log_to_the_worker_user(echo_peers, workers):
                      workers=workers)
     try:
         nobody = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
-        assert [ids(pid) for pid in running.workers()] == [nobody] * workers
+        # A worker drops root once it has set up, a moment after the fork.
+        assert wait_until(lambda: [ids(pid) for pid in running.workers()] == [nobody] * workers,
+                          timeout=10), [ids(pid) for pid in running.workers()]
         assert ids(running.process.pid) == (0, 0)
         moved = folder / "error.log.1"
         os.rename(running.log_path, moved)
