@@ -646,17 +646,9 @@ def test_proxy_protocol_on_sends_the_v1_line_first(start, auth, backend):
 
 def test_proxy_protocol_v2_sends_the_binary_header_first(start, auth, backend):
     proxy = start("protocol imap; proxy_protocol v2;")
-    with Client(proxy.port) as client:               # a direct client, no header in
-        expected = v2(block=inet4("127.0.0.1", "127.0.0.1",
-                                  client.sock.getsockname()[1], proxy.port))
-        server = backend(backend_with_header(len(expected)))
-        auth.reply = ok("127.0.0.1", server.port)
-        assert client.line() == imap.GREETING
-        client.send(b"a LOGIN joe secret\r\n")
-        assert client.line() == b"a OK logged in\r\n"
-    server.wait_connections(1)
-    assert server.errors == []
-    assert server.received[0].startswith(expected + b"a LOGIN {3}\r\n")
+    client = Client(proxy.port)                     # a direct client, no header in
+    logs_in_after_header(client, auth, backend, v2(block=inet4(
+        "127.0.0.1", "127.0.0.1", client.sock.getsockname()[1], proxy.port)))
 
 
 @pytest.mark.parametrize("mode", ["on", "v2"])
@@ -670,20 +662,25 @@ def test_an_ipv4_mapped_client_goes_out_as_tcp4(tmp_path, auth, backend, mode):
     try:
         client = Client(port)
         local = client.sock.getsockname()[1]
-        expected = b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (local, port) if mode == "on" \
-            else v2(block=inet4("127.0.0.1", "127.0.0.1", local, port))
-        server = backend(backend_with_header(len(expected)))
-        auth.reply = ok("127.0.0.1", server.port)
-        with client:
-            assert client.line() == imap.GREETING
-            client.send(b"a LOGIN joe secret\r\n")
-            assert client.line() == b"a OK logged in\r\n"
-        server.wait_connections(1)
-        assert server.errors == []
-        assert server.received[0].startswith(expected + b"a LOGIN {3}\r\n")
+        logs_in_after_header(client, auth, backend, v2(block=inet4(
+            "127.0.0.1", "127.0.0.1", local, port)) if mode == "v2" else
+            b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (local, port))
         assert "client: ::ffff:127.0.0.1," in proxy.log()      # the logs keep the socket's
     finally:
         proxy.stop()
+
+
+def logs_in_after_header(client, auth, backend, expected):
+    """`client` logs in as joe; its backend must get `expected` first."""
+    server = backend(backend_with_header(len(expected)))
+    auth.reply = ok("127.0.0.1", server.port)
+    with client:
+        assert client.line() == imap.GREETING
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == b"a OK logged in\r\n"
+    server.wait_connections(1)
+    assert server.errors == []
+    assert server.received[0].startswith(expected + b"a LOGIN {3}\r\n")
 
 
 # ------------------------------------------------------------ unix: sockets

@@ -46,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(HERE.parent)]     # the checkout, tests/
 from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok  # noqa: E402
 from harness import free_port  # noqa: E402
 from test_faults import _raise_fd_limit  # noqa: E402
+from test_status import CONFIG  # noqa: E402  (worker_processes, status_listen, info log)
 
 HOST = "127.0.0.1"
 PAYLOAD = 2048              # bytes each login sends through the relay and reads back
@@ -53,18 +54,6 @@ IO_TIMEOUT = 15.0           # one client read; a stalled session counts as faile
 PING_EVERY = 3.0            # seconds between an idle session's pings
 SQUEEZE = 400               # connections opened at once in the out-of-descriptors phase
 SETTLE = 60.0               # seconds for every session and old worker to be gone at the end
-CONFIG = """\
-worker_processes 2;
-worker_rlimit_nofile {nofile};
-error_log {log} info;
-pid {pid};
-status_listen {status};
-mail {{
-    auth_http {auth};
-    timeout 10s;
-    server {{ listen {host}:{port}; protocol imap; imap_capabilities {caps}; }}
-}}
-"""
 
 
 class Tally:
@@ -219,9 +208,9 @@ class Proxy:
             time.sleep(0.1)
 
     def write(self, caps="IMAP4rev1", log=None, typo=False):
-        text = CONFIG.format(nofile=self.nofile, log=log or self.log, pid=self.folder / "pid",
-                             status=self.status, auth=self.auth, host=HOST, port=self.port,
-                             caps=caps)
+        text = CONFIG.format(workers=2, nofile=self.nofile, log=log or self.log,
+                             pid=self.folder / "pid", status=self.status, auth=self.auth,
+                             port=self.port, caps=caps)
         self.conf.write_text(text.replace("protocol imap;", "protocol imap") if typo else text)
 
     def signal(self, signo):
