@@ -93,7 +93,7 @@ class _Words:
         return start
 
 
-# The header: who made the table, and when.
+# The header: who made the table and when, its size now, and the connection counter.
 _header = _Words()
 MASTER_PID = _header.take()
 MASTER_STARTED = _header.take()         # Unix time, milliseconds
