@@ -6,8 +6,11 @@ counter checked exactly; sessions held in each phase show in the gauges;
 `worker_connections 2` turns the third connection away, logs it and counts
 it.  Then the real CLI in a subprocess with `worker_processes 2`: the page
 comes from the master's status process, lists both workers and adds up
-their counters; a reload keeps the counts and the status process; a killed
-status process is replaced; a killed master takes it along (the port is
+their counters; a reload keeps the counts and the status process; more
+reloads than the table has slots, each leaving a session open, are all
+counted (the table grows) and the log's `*N` numbers are shared by every
+worker; the status process ignores HUP, USR1 and QUIT and ends on TERM; a
+killed status process is replaced; a killed master takes it along (the port is
 free again); a changed `status_listen` moves the page; a single process
 serves the page itself; and `worker_rlimit_nofile` reaches the workers.
 """
