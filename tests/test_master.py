@@ -5,7 +5,8 @@ workers.  These tests watch the process tree in /proc, kill a worker and
 see it replaced, reload with a changed capability list while an IMAP
 session relays (no byte lost), reload with a broken config (the old one
 keeps serving), stop gracefully with a session open, and reopen logs on
-SIGUSR1 after the log file was moved.
+SIGUSR1 after the log file was moved; as root with `user nobody`, also with
+`worker_processes 1` (a master and one worker), the sessions run as nobody.
 """
 
 import grp
