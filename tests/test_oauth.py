@@ -6,14 +6,17 @@ front of a scripted auth service (each test sets its reply) and the demo
 backends.  The transcripts check the capability lists, the token string
 parsed into Auth-User and Auth-Pass with an initial response and after an
 empty challenge, malformed tokens, a 2,600-byte token, and the
-Auth-Error-SASL exchange; then imaplib, smtplib and poplib log in with a
-bearer token for real.  (swaks has no XOAUTH2.)  No token reaches the log.
+Auth-Error-SASL exchange; then imaplib, smtplib, poplib and curl
+(`--oauth2-bearer`) log in with a bearer token for real.  (swaks has no
+XOAUTH2.)  No token reaches the log.
 """
 
 import base64
 import imaplib
 import poplib
+import shutil
 import smtplib
+import subprocess
 
 import pytest
 
@@ -31,6 +34,7 @@ TOKEN = "ya29.a0-Valid_Token~+/="       # RFC 6750 b64token characters
 SASL_ERROR = base64.b64encode(b'{"status":"invalid_token","scheme":"bearer"}').decode()
 TIMEOUT = 10
 CRLF = b"\r\n"
+CURL = shutil.which("curl")
 
 CHALLENGE = {"imap": b"+ ", "pop3": b"+ ", "smtp": b"334 "}
 FAILED = {"imap": b"a NO Invalid token\r\n", "pop3": b"-ERR Invalid token\r\n",
@@ -301,3 +305,20 @@ def test_poplib_logs_in_with_oauthbearer(site):
     finally:
         client.quit()
     site.assert_secret(TOKEN, oauthbearer().decode())
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_curl_logs_in_with_its_oauth2_bearer_option(site, protocol):
+    """curl picks OAUTHBEARER when offered, with its host and port pairs."""
+    site.auth.reply = site.checking
+    before = len(site.auth.requests)
+    url = f"{protocol}://127.0.0.1:{site.port(protocol)}/" + ("INBOX" if protocol == "imap" else "")
+    extra = ["--mail-from", "a@example.net", "--mail-rcpt", USER, "-T", "-"] \
+        if protocol == "smtp" else []
+    done = subprocess.run([CURL, "-sS", "--max-time", "20", "--user", USER, "--oauth2-bearer",
+                           TOKEN, *extra, url], input=b"Subject: curl\r\n\r\nhi\r\n",
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert site.auth.requests[before].header("Auth-Method") == "oauthbearer"
+    site.assert_secret(TOKEN)
