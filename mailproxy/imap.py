@@ -209,6 +209,7 @@ class ImapSession(Session):
 
     def sasl_syntax_reply(self):
         return _tagged(self.tag, INVALID)
+
     def backend_login(self, stream, login, password, starttls=None):
         return backend.imap_login(stream, self.tag, login, password,
                                   self.config.proxy_buffer, self.set_step, starttls)

@@ -100,7 +100,8 @@ def ask_once(session, request):
 
 def refused(session, reply, credentials):
     """The client is told no; with Auth-Wait, after the wait, and it may
-    try again under a fresh `timeout`."""
+    try again under a fresh `timeout`.  After XOAUTH2 or OAUTHBEARER an
+    Auth-Error-SASL challenge and the client's answer come first."""
     session.log.info('client login failed: "%s"', reply.status)
     if reply.wait:
         session.client.wait(reply.wait, session.command_limit())

@@ -85,8 +85,9 @@ class Session(socketserver.BaseRequestHandler):
     and define `read_command`, `greet`, the `do_<VERB>` handlers and the
     hooks (command_limit, invalid_reply, too_long_reply, too_many_reply,
     auth_failed_reply, continuation, sasl_syntax_reply, backend_login;
-    back_to_start, auth_extra_headers and relay_buffers have defaults).  `service` is the server{}'s shared, read-only part
-    (server.Service); `listen` the `listen` entry the client came in on."""
+    back_to_start, auth_extra_headers and relay_buffers have defaults).
+    `service` is the server{}'s shared, read-only part (server.Service);
+    `listen` the `listen` entry the client came in on."""
 
     protocol = ""
     INTERNAL_ERROR = b""

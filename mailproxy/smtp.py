@@ -2,7 +2,7 @@
 
 Two kinds of client meet the proxy on SMTP:
 * a mail user agent submitting mail, which authenticates with AUTH
-  (PLAIN, LOGIN, CRAM-MD5, EXTERNAL) before MAIL FROM;
+  (PLAIN, LOGIN, CRAM-MD5, EXTERNAL, XOAUTH2, OAUTHBEARER) before MAIL FROM;
 * with `smtp_auth none`, an MTA delivering mail (MX mode): it never
   authenticates, so its first RCPT TO starts the auth request (method
   `none`), carrying the HELO name, MAIL FROM and RCPT TO lines so the auth
