@@ -12,7 +12,11 @@ Passwords are stored as scrypt hashes (`mailproxy auth-service passwd joe`
 writes one), or as `{PLAIN}text` (`{PLAIN-B64}base64` if it holds white
 space or "#") for users who log in with CRAM-MD5 or APOP: those send a
 digest of the password, and checking a digest needs the clear text.
-`auth-user=` renames the login toward the backend.  For SMTP without
+`auth-user=` renames the login toward the backend.  `bearer=TOKEN` lets
+the user log in with XOAUTH2 or OAUTHBEARER and that bearer token (a
+demonstration: a real site asks its OAuth provider instead); the backend
+login then needs a {PLAIN} password for IMAP and POP3, as for CRAM-MD5, and
+a refused token is answered with an Auth-Error-SASL challenge.  For SMTP without
 authentication (`smtp_auth none`, MX mode), the recipient's local part picks
 the user whose smtp= backend takes the mail.
 
@@ -70,6 +74,7 @@ class User:
     secret: str                 # "{SCRYPT}..." or "{PLAIN}..."
     backends: dict = field(default_factory=dict)   # protocol -> (host, port)
     backend_login: str = None
+    bearer: str = None          # the token XOAUTH2 and OAUTHBEARER logins must show
 
     @property
     def clear_text(self):
@@ -158,6 +163,8 @@ def _parse_user(words):
             raise ValueError(f"expected key=value, got {word!r}")
         if key == "auth-user":
             user.backend_login = value
+        elif key == "bearer":
+            user.bearer = value
         elif key in ("imap", "pop3", "smtp"):
             user.backends[key] = _backend(value)
         else:
@@ -333,7 +340,7 @@ class AuthService(http.server.ThreadingHTTPServer):
             # as slow as a known login's check: the timing names no account
             check_password(User("", DECOY), _unescape(headers.get("Auth-Pass", "")))
         self.failures.add(client)
-        return _refusal(INVALID, protocol, _attempt(headers))
+        return bearer_refusal(method, _refusal(INVALID, protocol, _attempt(headers)))
 
     def route_recipient(self, headers):
         """MX mode: `RCPT TO:<joe@example.org>` goes to joe's smtp backend."""
@@ -351,6 +358,8 @@ def _verify(user, method, headers):
     salt = headers.get("Auth-Salt", "").encode("latin-1").strip()
     if method == "plain":
         return check_password(user, password)
+    if method in BEARER_METHODS:
+        return check_bearer(user, password)
     if user.clear_text is None:
         return False                # digests need the clear text: a {PLAIN} entry
     if method == "cram-md5":
@@ -367,6 +376,26 @@ def _admit(user, protocol, needs_password):
         answer["Auth-User"] = _wire(user.backend_login)
     if needs_password and user.clear_text is not None:
         answer["Auth-Pass"] = _wire(user.clear_text)
+    return answer
+
+
+# ------------------------------------------- bearer tokens (XOAUTH2, OAUTHBEARER)
+
+BEARER_METHODS = ("xoauth2", "oauthbearer")
+# RFC 7628 3.2.2: the error a client hears (as a SASL challenge) when its
+# token is refused; the proxy sends it, base64, before the failure reply.
+BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token","schemes":"bearer"}').decode()
+
+
+def check_bearer(user, token):
+    """The token the users file holds for `user` (its bearer= key)."""
+    return user.bearer is not None and hmac.compare_digest(user.bearer.encode(), token)
+
+
+def bearer_refusal(method, answer):
+    """A refused XOAUTH2 or OAUTHBEARER login also carries Auth-Error-SASL."""
+    if method in BEARER_METHODS:
+        answer["Auth-Error-SASL"] = BEARER_ERROR
     return answer
 
 

@@ -3,7 +3,8 @@
 Three pieces start, each the real thing except the last:
 1. the proxy itself, from an ordinary nginx-syntax configuration written to
    a temporary directory (IMAP, POP3 and SMTP listeners);
-2. the reference auth service (authservice.py) with two demo users;
+2. the reference auth service (authservice.py) with two demo users, one
+   of whom may also log in with a bearer token (XOAUTH2, OAUTHBEARER);
 3. small in-memory IMAP, POP3 and SMTP backends (demo_backends.py, one
    module per protocol): teaching aids, not mail servers, so nothing else
    needs installing.
@@ -36,6 +37,7 @@ from .demo_backends import start_backends
 from .mailstore import Mailstore
 
 USERS = {"alice": "wonderland", "bob": "builder"}
+TOKENS = {"alice": "demo-token-alice"}     # bearer tokens for XOAUTH2/OAUTHBEARER logins
 PREFERRED_PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587, "auth": 9000}
 SHOWN = ("session done:",)     # the summary line: one per session, whatever its end
 
@@ -52,9 +54,11 @@ mail {{
     ssl_certificate_key {key};
     server {{ listen 127.0.0.1:{imap}; protocol imap;
              imap_capabilities IMAP4rev1 IDLE LITERAL+ UIDPLUS;
-             imap_auth plain login cram-md5; }}
-    server {{ listen 127.0.0.1:{pop3}; protocol pop3; pop3_auth plain apop cram-md5; }}
-    server {{ listen 127.0.0.1:{smtp}; protocol smtp; smtp_auth plain login cram-md5;
+             imap_auth plain login cram-md5 xoauth2 oauthbearer; }}
+    server {{ listen 127.0.0.1:{pop3}; protocol pop3;
+             pop3_auth plain apop cram-md5 xoauth2 oauthbearer; }}
+    server {{ listen 127.0.0.1:{smtp}; protocol smtp;
+             smtp_auth plain login cram-md5 xoauth2 oauthbearer;
              smtp_capabilities PIPELINING 8BITMIME "SIZE 10485760"; }}
 }}
 """
@@ -66,6 +70,7 @@ mailproxy demo: a proxy, an auth service and in-memory mail backends on 127.0.0.
   POP3  127.0.0.1:{pop3:<5}  ->  demo backend 127.0.0.1:{b_pop3}
   SMTP  127.0.0.1:{smtp:<5}  ->  demo backend 127.0.0.1:{b_smtp} (XCLIENT)
   auth service  http://127.0.0.1:{auth}/auth   users: alice/wonderland, bob/builder
+                bearer token for alice: demo-token-alice (XOAUTH2, OAUTHBEARER)
   configuration {conf}
   STARTTLS on all three, certificate {cert} (throwaway)
 
@@ -75,6 +80,7 @@ Try, in another terminal:
   printf 'Subject: hello\\r\\n\\r\\nHi Alice!\\r\\n' | curl smtp://127.0.0.1:{smtp} \\
       --user bob:builder --mail-from bob@demo.test --mail-rcpt alice@demo.test -T -
   curl --ssl-reqd --cacert {cert} 'imap://alice:wonderland@localhost:{imap}/INBOX;UID=2'
+  curl --oauth2-bearer demo-token-alice 'imap://alice@127.0.0.1:{imap}/INBOX;UID=1'
 
 Ctrl-C stops everything.
 """
@@ -121,9 +127,10 @@ def _start_auth_service(workdir, backends):
     path = os.path.join(workdir, "users.conf")
     with open(path, "w") as file:
         for login, password in USERS.items():
+            bearer = f" bearer={TOKENS[login]}" if login in TOKENS else ""
             file.write(f"{login} {plain_secret(password)} imap=127.0.0.1:{backends.imap_port} "
                        f"pop3=127.0.0.1:{backends.pop3_port} "
-                       f"smtp=127.0.0.1:{backends.smtp_port}\n")
+                       f"smtp=127.0.0.1:{backends.smtp_port}{bearer}\n")
     service = AuthService(("127.0.0.1", _free_or(PREFERRED_PORTS["auth"])), path)
     threading.Thread(target=service.serve_forever, name="demo auth service",
                      daemon=True).start()
