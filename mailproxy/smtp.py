@@ -27,6 +27,7 @@ INVALID = b"500 5.5.1 Invalid command\r\n"
 INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 AUTH_REQUIRED = b"530 5.7.1 Authentication required\r\n"
+STARTTLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 4
 PIPELINING_REJECT = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
 OK = b"250 2.0.0 OK\r\n"
 BYE = b"221 2.0.0 Bye\r\n"
@@ -73,9 +74,9 @@ class SmtpSession(Session):
     NO_CERTIFICATE = NO_CERTIFICATE
     CERTIFICATE_ERROR = CERTIFICATE_ERROR
     SECRETS = SECRETS
-    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # not MAIL/RCPT in MX mode, as nginx
-    STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
-                        "VRFY", "EXPN", "HELP", "STARTTLS"}}
+    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # MX mode's MAIL/RCPT/DATA: mx_clear_text()
+    STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
+                        "QUIT", "VRFY", "EXPN", "HELP", "STARTTLS"}}
     prepare = Texts
     needs_backend_password = False      # XCLIENT needs none; AUTH to the backend checks
     helo_verb = b""                     # HELO or EHLO, as the client last said it
@@ -155,6 +156,7 @@ class SmtpSession(Session):
         return credentials
 
     def do_MAIL(self, command):
+        self.mx_clear_text()
         if not self.service.texts.mx_mode:
             self.log.info("client was rejected: authentication required")
             raise Rejected(AUTH_REQUIRED)
@@ -167,12 +169,28 @@ class SmtpSession(Session):
         self.send(OK)               # (CVE-2025-53859)
 
     def do_RCPT(self, command):
+        self.mx_clear_text()
         if not self.mail_from:
             raise Rejected(BAD_SEQUENCE)
         if not command.args:
             raise Rejected(INVALID_ARGUMENT)
         self.rcpt_to = command.line
         return Credentials("none", b"")
+
+    def do_DATA(self, command):
+        """DATA never comes before the relay: an invalid command (counted,
+        as any unknown verb in nginx), or with `starttls only` in MX mode
+        the request to start TLS first."""
+        self.mx_clear_text()
+        raise Rejected(INVALID, counted=True)
+
+    def mx_clear_text(self):
+        """`starttls only` in MX mode (beyond nginx, which accepts mail in
+        clear text there): MAIL, RCPT and DATA wait for STARTTLS (RFC 3207
+        4; `mailproxy -t` warns that a public MX must not require it)."""
+        if self.service.texts.mx_mode and self.tls_mode == "only":
+            self.log.info("client was rejected: STARTTLS required")
+            raise Rejected(STARTTLS_FIRST)
 
     def do_RSET(self, command):
         self.mail_from = self.rcpt_to = b""
