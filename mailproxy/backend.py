@@ -15,14 +15,13 @@ on`; a close, a timeout or an overlong line always gives the client the
 protocol's internal-error line.
 """
 
-import base64
 import logging
 import re
 import socket
 import ssl
 from dataclasses import dataclass
 
-from . import words
+from . import backend_sasl, words
 from .log import LEVELS
 from .stream import Closed, Stream, TooLong
 
@@ -138,18 +137,21 @@ def send(stream, data):
 def expect(line, prefix):
     """Check a reply's start (nginx compares only the first line's prefix)."""
     if not line[:len(prefix)].upper() == prefix.upper():
-        raise BackendError(f'upstream sent invalid response: "{_printable(line)}"', line)
+        raise BackendError(f'upstream sent invalid response: "{printable(line)}"', line)
     return line
 
 
 # ------------------------------------------------------------------- IMAP
 
-def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None):
+def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None,
+               sasl=None, address=("", 0)):
     """LOGIN with both values as literals, reusing the client's tag (spec
     4.2); returns the lines to forward to the client: the tagged OK, and the
     one untagged line nginx 1.27.3+ allows before it (e.g. a CAPABILITY from
     SmarterMail or Gmail).  `starttls` (beyond nginx, proxy_starttls)
-    upgrades the connection first (RFC 3501 6.2.1).
+    upgrades the connection first (RFC 3501 6.2.1).  `sasl` (beyond nginx,
+    Auth-Backend-Auth): AUTHENTICATE with that mechanism instead of LOGIN
+    (backend_sasl.py); `address` is the backend's (host, port).
 
     nginx always sends synchronizing literals: three round trips.  When the
     greeting's CAPABILITY allows non-synchronizing ones (RFC 7888), as
@@ -163,6 +165,11 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
         send(stream, tag + b" STARTTLS\r\n")
         expect(read_tagged(stream, tag, limit), tag + b" OK")
         starttls()
+    if sasl in backend_sasl.MECHANISMS:
+        step("sending authenticate to upstream")
+        dialect = backend_sasl.Imap(stream, tag, limit, sasl_ir=not starttls and
+                                    b"SASL-IR" in _greeting_capabilities(greeting))
+        return backend_sasl.authenticate(dialect, sasl, login, password, address)
     send_login(stream, tag, login, password, limit, step,
                one_write=not starttls and _non_synchronizing(greeting, login, password))
     step("reading response from upstream")
@@ -198,12 +205,15 @@ def send_login(stream, tag, login, password, limit, step, one_write):
 def _non_synchronizing(greeting, *values):
     """May `values` go as non-synchronizing literals?  Yes if the greeting's
     CAPABILITY has LITERAL+, or LITERAL- and none is over 4096 bytes."""
-    match = _GREETING_CAPABILITY.match(greeting)
-    if not match:
-        return False
-    capabilities = match.group(1).upper().split()
+    capabilities = _greeting_capabilities(greeting)
     return b"LITERAL+" in capabilities or \
         (b"LITERAL-" in capabilities and max(map(len, values)) <= LITERAL_MINUS_MAX)
+
+
+def _greeting_capabilities(greeting):
+    """The upper-cased items of the greeting's [CAPABILITY ...], if any."""
+    match = _GREETING_CAPABILITY.match(greeting)
+    return match.group(1).upper().split() if match else []
 
 
 def read_tagged(stream, tag, limit, untagged=3):
@@ -218,13 +228,17 @@ def read_tagged(stream, tag, limit, untagged=3):
 
 # ------------------------------------------------------------------- POP3
 
-def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=None):
+def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=None,
+               sasl=None, address=("", 0)):
     """USER then PASS, whatever the client used (spec 4.3); returns the
     backend's final +OK line for the client.  `starttls`: STLS first
-    (RFC 2595 4, beyond nginx)."""
-    if b"\r" in login + password or b"\n" in login + password:
-        # Only SASL can carry them here; replayed, the rest of the line
-        # would run as a second command on the backend.
+    (RFC 2595 4, beyond nginx).  `sasl` (beyond nginx, Auth-Backend-Auth):
+    AUTH with that mechanism instead (backend_sasl.py); `address` is the
+    backend's (host, port)."""
+    if sasl not in backend_sasl.MECHANISMS and \
+            (b"\r" in login + password or b"\n" in login + password):
+        # Only SASL (base64) can carry them; replayed in USER or PASS, the
+        # rest of the line would run as a second command on the backend.
         raise BackendError("login or password holds CR or LF, which USER/PASS cannot carry")
     step("reading response from upstream")
     expect(read_reply(stream, limit), b"+OK")
@@ -233,6 +247,10 @@ def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=
         send(stream, b"STLS\r\n")
         expect(read_reply(stream, limit), b"+OK")
         starttls()
+    if sasl in backend_sasl.MECHANISMS:
+        step("sending auth to upstream")
+        return backend_sasl.authenticate(backend_sasl.Pop3(stream, limit), sasl, login,
+                                         password, address)
     step("sending user name to upstream")
     send(stream, b"USER " + login + b"\r\n")
     expect(read_reply(stream, limit), b"+OK")
@@ -254,7 +272,8 @@ class SmtpPlan:
     login: bytes
     password: bytes
     helo: tuple = None          # (verb, argument) the client sent, or None
-    auth: str = None            # "plain", "login" or None
+    auth: str = None            # a backend_sasl.MECHANISMS name, or None
+    backend: tuple = ("", 0)    # the backend's (host, port), which OAUTHBEARER names
     mail_from: bytes = b""      # MX mode: the client's MAIL and RCPT lines
     rcpt_to: bytes = b""
 
@@ -275,7 +294,7 @@ def read_smtp_reply(stream, limit):
 
 def expect_code(reply, *codes):
     if reply[:3] not in codes:
-        raise BackendError(f'upstream sent invalid response: "{_printable(reply)}"', reply)
+        raise BackendError(f'upstream sent invalid response: "{printable(reply)}"', reply)
     return reply
 
 
@@ -308,7 +327,8 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         if not plan.password:
             raise BackendError("no password available for upstream AUTH")
         step("sending auth to upstream")
-        reply = smtp_auth(command, plan)
+        reply = backend_sasl.authenticate(backend_sasl.Smtp(stream, limit), plan.auth,
+                                          plan.login, plan.password, plan.backend)
     if plan.rcpt_to:
         step("sending mail from to upstream")
         command(plan.mail_from, b"250")
@@ -316,16 +336,6 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         send(stream, plan.rcpt_to + b"\r\n")
         reply = read_smtp_reply(stream, limit)     # any reply: the client judges it
     return reply
-
-
-def smtp_auth(command, plan):
-    """AUTH PLAIN with no authzid (as nginx), or AUTH LOGIN (beyond nginx)."""
-    if plan.auth == "plain":
-        token = base64.b64encode(b"\0" + plan.login + b"\0" + plan.password)
-        return command(b"AUTH PLAIN " + token, b"235")
-    command(b"AUTH LOGIN", b"334")
-    command(base64.b64encode(plan.login), b"334")
-    return command(base64.b64encode(plan.password), b"235")
 
 
 def xclient_line(plan):
@@ -346,7 +356,7 @@ def xtext(value):
                     else bytes((byte,)) for byte in value)
 
 
-def _printable(line):
+def printable(line, limit=200):
     """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
-    text = words.line_body(line)[:200].decode("utf-8", "backslashreplace")
+    text = words.line_body(line)[:limit].decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

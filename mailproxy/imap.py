@@ -200,8 +200,10 @@ class ImapSession(Session):
         return _tagged(self.tag, b"NO " + reply.status.encode("latin-1"))
 
     def backend_login(self, stream, login, password, starttls=None):
+        reply = self.auth_reply
         return backend.imap_login(stream, self.tag, login, password,
-                                  self.config.proxy_buffer, self.set_step, starttls)
+                                  self.config.proxy_buffer, self.set_step, starttls,
+                                  reply.backend_auth, (reply.server, reply.port))
 
 
 def _capability(items):

@@ -155,8 +155,10 @@ class Pop3Session(Session):
         super().back_to_start()
 
     def backend_login(self, stream, login, password, starttls=None):
+        reply = self.auth_reply
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step, starttls)
+                                  self.set_step, starttls, reply.backend_auth,
+                                  (reply.server, reply.port))
 
 
 def _continuation(challenge):

@@ -13,7 +13,7 @@ Before the greeting the client's host name is looked up (ops/resolver.py) and,
 with `smtp_greeting_delay`, a client that talks first is turned away.
 """
 
-from . import backend, words
+from . import backend, backend_sasl, words
 from .auth_http import AuthServiceError
 from .ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
 from .sasl import Credentials, SaslError
@@ -251,20 +251,22 @@ class SmtpSession(Session):
             client_ip=self.client_text, client_host=self.host.encode(),
             login=login, password=password,
             helo=(self.helo_verb, self.helo) if self.helo_verb else None,
-            auth=self.backend_auth(),
+            auth=self.backend_auth(), backend=(self.auth_reply.server, self.auth_reply.port),
             mail_from=self.mail_from if self.rcpt_to else b"", rcpt_to=self.rcpt_to)
         reply = backend.smtp_login(stream, plan, self.config.proxy_buffer, self.set_step,
                                    starttls)
         return reply if self.rcpt_to else AUTH_OK
 
     def backend_auth(self):
-        """How to authenticate to the backend: "plain", "login" or None.
-        The auth service may choose per session (Auth-SMTP-Auth, beyond nginx)."""
-        choice = self.auth_reply.header("Auth-SMTP-Auth") if self.auth_reply else None
-        if choice is None:
-            choice = self.config.proxy_smtp_auth
+        """How to authenticate to the backend: a backend_sasl.MECHANISMS
+        name or None.  The auth service may choose per session (beyond
+        nginx): Auth-Backend-Auth, else the older Auth-SMTP-Auth, else
+        `proxy_smtp_auth` decides."""
+        reply = self.auth_reply
+        choice = reply.backend_auth or reply.header("Auth-SMTP-Auth") or \
+            self.config.proxy_smtp_auth
         choice = {"on": "plain", "off": None, "none": None}.get(choice.lower(), choice.lower())
-        if choice not in (None, "plain", "login"):
+        if choice is not None and choice not in backend_sasl.MECHANISMS:
             raise AuthServiceError(f'auth http server sent invalid Auth-SMTP-Auth "{choice}"')
         return choice
 
