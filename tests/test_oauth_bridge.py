@@ -6,7 +6,9 @@ token as Auth-Pass and `Auth-Backend-Auth: xoauth2` (or oauthbearer), having
 got the token from a token endpoint with the user's refresh token; the proxy
 logs in to the backend with `AUTHENTICATE XOAUTH2` / `AUTH XOAUTH2`.
 
-The token endpoint is a tiny loopback HTTP server written here; the
+The proxy runs with `trace on`: neither its log nor the auth service's
+shows a token, a refresh token, the client secret or the password.  The
+token endpoint is a tiny loopback HTTP server written here; the
 backends are ScriptedBackends that check the exact SASL strings
 (`user=...^Aauth=Bearer ...^A^A`, RFC 7628's `n,a=...`).  Then: a cached
 token serves two logins, an expired one is refreshed (with a rotated
@@ -119,7 +121,8 @@ def bridge(tmp_path, start_proxy, backend):
                 f" client-secret={CLIENT_SECRET} refresh-token={REFRESH_TOKEN}"
                 f" backend-auth={mechanism}\n")
             service = stack.enter_context(reference_auth_service(users))
-            proxy = start_proxy(SERVERS, auth=f"127.0.0.1:{service.server_address[1]}/auth")
+            proxy = start_proxy(SERVERS, auth=f"127.0.0.1:{service.server_address[1]}/auth",
+                                mail="trace on;")      # a trace shows no token either
             return proxy, endpoint, servers
         yield start
 
@@ -198,6 +201,7 @@ def test_a_password_login_reaches_the_backend_with_xoauth2(bridge, caplog, proto
     assert endpoint.forms == [{"grant_type": "refresh_token", "refresh_token": REFRESH_TOKEN,
                                "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}]
     proxy.wait_log("session done:")
+    assert " XOAUTH2" in "".join(line for line in proxy.log().splitlines() if "P: " in line)
     assert_no_secret(proxy.log(), caplog.text)
 
 
