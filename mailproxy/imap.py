@@ -203,7 +203,7 @@ class ImapSession(Session):
         reply = self.auth_reply
         return backend.imap_login(stream, self.tag, login, password,
                                   self.config.proxy_buffer, self.set_step, starttls,
-                                  reply.backend_auth, (reply.server, reply.port))
+                                  sasl=reply.backend_auth, address=(reply.server, reply.port))
 
 
 def _capability(items):

@@ -157,8 +157,8 @@ class Pop3Session(Session):
     def backend_login(self, stream, login, password, starttls=None):
         reply = self.auth_reply
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step, starttls, reply.backend_auth,
-                                  (reply.server, reply.port))
+                                  self.set_step, starttls, sasl=reply.backend_auth,
+                                  address=(reply.server, reply.port))
 
 
 def _continuation(challenge):

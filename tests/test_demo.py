@@ -2,7 +2,8 @@
 
 The demo prints its listeners; the test waits for them (bounded), fetches
 the seeded mail through the proxy's IMAP and POP3 listeners, sends a message
-through its SMTP listener, finds that message through IMAP, and stops the
+through its SMTP listener, finds that message through IMAP, logs carol in
+with her password to her OAuth-only backend (the bridge), and stops the
 demo with Ctrl-C (SIGINT), which must end it cleanly.
 """
 
@@ -77,6 +78,23 @@ def test_demo_serves_all_three_protocols_end_to_end(demo):
     assert b"Subject: through the proxy" in data[0][1]
     assert b"Authenticated sender: bob" in data[0][1]
     imap.logout()
+
+
+def test_demo_bridges_a_password_login_to_its_oauth_only_backend(demo):
+    """carol's password reaches the proxy; the proxy logs in to the demo
+    provider's IMAP backend with an access token, as that takes no LOGIN."""
+    process, ports, banner = demo
+    backend_port = int(re.search(r"OAuth-only IMAP backend 127\.0\.0\.1:(\d+)", banner)[1])
+    imap = imaplib.IMAP4("127.0.0.1", ports["IMAP"], timeout=10)
+    imap.login("carol", "meadow")
+    imap.select("INBOX")
+    status, data = imap.fetch("1", "(BODY[])")
+    assert status == "OK" and b"Subject: Demo message 1 of 1" in data[0][1]
+    imap.logout()
+    direct = imaplib.IMAP4("127.0.0.1", backend_port, timeout=10)
+    with pytest.raises(imaplib.IMAP4.error, match="OAuth 2.0 tokens only"):
+        direct.login("carol", "meadow")
+    direct.logout()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None and not os.environ.get("CI"),
