@@ -28,7 +28,6 @@ refused command, `InternalError` for a failure the client can only be told
 about with the internal-error line.
 """
 
-import itertools
 import logging
 import socket
 import socketserver
@@ -48,7 +47,6 @@ from .tls_context import verify_outcome
 
 QUIT_VERBS = frozenset({"LOGOUT", "QUIT"})     # the client's own goodbye
 RELAY_READ = 65536          # bytes per relay read: see relay_buffers()
-_connections = itertools.count(1)   # nginx's connection number, "*N" in logs
 
 
 class Rejected(Exception):
@@ -122,7 +120,8 @@ class Session(socketserver.BaseRequestHandler):
         self.salt = b""
         self.proxy_header = None        # what a PROXY header said (ops/proxy_protocol.py)
         client = self.client_address[0] if self.client_address else "unix:"
-        self.context = LogContext(next(_connections), client, self.listen.name)
+        self.meter = self.server.worker.meter      # the status page's counters
+        self.context = LogContext(self.meter.connection(), client, self.listen.name)
         self.log = SessionLog(self.service.logger, self.context)
         self.started = time.monotonic()
         self.ending = None              # why it ended: one of log.REASONS
@@ -134,7 +133,6 @@ class Session(socketserver.BaseRequestHandler):
             self.client = self.tracer.client_stream(self.client)
         if self.request.family != socket.AF_UNIX:
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.meter = self.server.worker.meter      # the status page's counters
         self.phase = metrics.GREETING
         self.meter.opened(self.protocol)
         self.server.worker.track(self)

@@ -646,11 +646,35 @@ def test_proxy_protocol_on_sends_the_v1_line_first(start, auth, backend):
 
 def test_proxy_protocol_v2_sends_the_binary_header_first(start, auth, backend):
     proxy = start("protocol imap; proxy_protocol v2;")
-    with Client(proxy.port) as client:               # a direct client, no header in
-        expected = v2(block=inet4("127.0.0.1", "127.0.0.1",
-                                  client.sock.getsockname()[1], proxy.port))
-        server = backend(backend_with_header(len(expected)))
-        auth.reply = ok("127.0.0.1", server.port)
+    client = Client(proxy.port)                     # a direct client, no header in
+    logs_in_after_header(client, auth, backend, v2(block=inet4(
+        "127.0.0.1", "127.0.0.1", client.sock.getsockname()[1], proxy.port)))
+
+
+@pytest.mark.parametrize("mode", ["on", "v2"])
+def test_an_ipv4_mapped_client_goes_out_as_tcp4(tmp_path, auth, backend, mode):
+    """A dual-stack listener (an IPv6 socket with ipv6only=off) sees an
+    IPv4 client as ::ffff:127.0.0.1; the outgoing header names it, and the
+    local address, as IPv4 (TCP4, dotted quads), as docs/directives.md says."""
+    port = free_port()
+    proxy = RunningProxy(tmp_path, mail=f"auth_http {auth.url};", servers=[
+        f"listen [::ffff:127.0.0.1]:{port} ipv6only=off;\nprotocol imap; proxy_protocol {mode};"])
+    try:
+        client = Client(port)
+        local = client.sock.getsockname()[1]
+        logs_in_after_header(client, auth, backend, v2(block=inet4(
+            "127.0.0.1", "127.0.0.1", local, port)) if mode == "v2" else
+            b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d\r\n" % (local, port))
+        assert "client: ::ffff:127.0.0.1," in proxy.log()      # the logs keep the socket's
+    finally:
+        proxy.stop()
+
+
+def logs_in_after_header(client, auth, backend, expected):
+    """`client` logs in as joe; its backend must get `expected` first."""
+    server = backend(backend_with_header(len(expected)))
+    auth.reply = ok("127.0.0.1", server.port)
+    with client:
         assert client.line() == imap.GREETING
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == b"a OK logged in\r\n"
