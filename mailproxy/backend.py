@@ -137,7 +137,7 @@ def send(stream, data):
 def expect(line, prefix):
     """Check a reply's start (nginx compares only the first line's prefix)."""
     if not line[:len(prefix)].upper() == prefix.upper():
-        raise BackendError(f'upstream sent invalid response: "{printable(line)}"', line)
+        raise BackendError(f'upstream sent invalid response: "{_printable(line)}"', line)
     return line
 
 
@@ -168,7 +168,7 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
     if sasl in backend_sasl.MECHANISMS:
         step("sending authenticate to upstream")
         dialect = backend_sasl.Imap(stream, tag, limit, sasl_ir=not starttls and
-                                    b"SASL-IR" in _greeting_capabilities(greeting))
+                                    b"SASL-IR" in (_greeting_capabilities(greeting) or ()))
         return backend_sasl.authenticate(dialect, sasl, login, password, address)
     send_login(stream, tag, login, password, limit, step,
                one_write=not starttls and _non_synchronizing(greeting, login, password))
@@ -206,14 +206,17 @@ def _non_synchronizing(greeting, *values):
     """May `values` go as non-synchronizing literals?  Yes if the greeting's
     CAPABILITY has LITERAL+, or LITERAL- and none is over 4096 bytes."""
     capabilities = _greeting_capabilities(greeting)
+    if capabilities is None:
+        return False
     return b"LITERAL+" in capabilities or \
         (b"LITERAL-" in capabilities and max(map(len, values)) <= LITERAL_MINUS_MAX)
 
 
 def _greeting_capabilities(greeting):
-    """The upper-cased items of the greeting's [CAPABILITY ...], if any."""
+    """The words of a greeting's [CAPABILITY ...] code, upper-cased, or
+    None when it has none."""
     match = _GREETING_CAPABILITY.match(greeting)
-    return match.group(1).upper().split() if match else []
+    return match.group(1).upper().split() if match else None
 
 
 def read_tagged(stream, tag, limit, untagged=3):
@@ -294,7 +297,7 @@ def read_smtp_reply(stream, limit):
 
 def expect_code(reply, *codes):
     if reply[:3] not in codes:
-        raise BackendError(f'upstream sent invalid response: "{printable(reply)}"', reply)
+        raise BackendError(f'upstream sent invalid response: "{_printable(reply)}"', reply)
     return reply
 
 
@@ -356,7 +359,7 @@ def xtext(value):
                     else bytes((byte,)) for byte in value)
 
 
-def printable(line, limit=200):
+def _printable(line, limit=200):
     """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
     text = words.line_body(line)[:limit].decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

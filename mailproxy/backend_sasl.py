@@ -32,7 +32,7 @@ error goes to the log with the failure; the token never does.
 import base64
 import binascii
 
-from . import backend
+from . import backend       # its I/O helpers and _printable(), the log's form of a reply
 
 CANCEL = b"*"               # RFC 3501 6.2.2, RFC 4954 4, RFC 5034 4: abort the exchange
 # What answers a provider's error challenge, base64 already (RFC 7628 3.2.3).
@@ -93,7 +93,7 @@ def authenticate(dialect, mechanism, login, password, address):
 
 
 def _refused(mechanism, reply, error):
-    text = f'upstream sent invalid response: "{backend.printable(reply)}"'
+    text = f'upstream sent invalid response: "{backend._printable(reply)}"'
     if error is not None:
         text = f"upstream refused {mechanism.upper()} login ({error}), " + text
     return backend.BackendError(text, reply)
@@ -106,7 +106,7 @@ def _decoded(challenge):
         text = base64.b64decode(challenge, validate=True)
     except (binascii.Error, ValueError):
         text = challenge
-    return backend.printable(text, MAX_ERROR_TEXT) or "no error text"
+    return backend._printable(text, MAX_ERROR_TEXT) or "no error text"
 
 
 class Dialect:
