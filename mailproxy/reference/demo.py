@@ -13,7 +13,9 @@ Four pieces start, each the real thing except the last two:
    service got with her refresh token: the password-to-OAuth bridge.
 dave's IMAP backends are a stopped one, then the demo backend: with
 `proxy_backend_tries` (when this build has it) the proxy asks the auth
-service again and gets the second.
+service again and gets the second.  With `proxy_client_address` (likewise)
+the IMAP backends learn the client's address from the proxy's ID command,
+and tell it to `ID NIL`.
 STARTTLS is on for all three listeners, with a throwaway self-signed
 certificate made at start (its path is printed for curl's --cacert).
 
@@ -48,11 +50,19 @@ from .mailstore import Mailstore
 USERS = {"alice": "wonderland", "bob": "builder"}
 OAUTH_USER, OAUTH_PASSWORD = "carol", "meadow"     # her backend takes OAuth 2.0 tokens only
 FAILOVER_USER, FAILOVER_PASSWORD = "dave", "diver"  # his first IMAP backend is stopped
-# Issue 18 directives the demo turns on when this build has them.
-BEYOND = {"proxy_backend_tries": "proxy_backend_tries 2;"}
-FAILOVER = ("  failover      dave/diver: IMAP backends 127.0.0.1:{b_stopped} (stopped), "
-            "then 127.0.0.1:{b_imap}\n",
-            "  curl 'imap://dave:diver@127.0.0.1:{imap}/INBOX;UID=1'\n")
+# Issue 18 directives the demo turns on when this build has them (the work
+# merges branch by branch): the line in mail {}, what the banner says of it,
+# and a command to try.
+BEYOND = {
+    "proxy_backend_tries": (
+        "proxy_backend_tries 2;",
+        "  failover      dave/diver: IMAP backends 127.0.0.1:{b_stopped} (stopped), "
+        "then 127.0.0.1:{b_imap}\n",
+        "  curl 'imap://dave:diver@127.0.0.1:{imap}/INBOX;UID=1'\n"),
+    "proxy_client_address": (
+        "proxy_client_address on;",
+        "  client address  the IMAP backends learn it with ID (proxy_client_address on)\n",
+        "  curl 'imap://alice:wonderland@127.0.0.1:{imap}/' -X 'ID NIL'\n")}
 PREFERRED_PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587, "auth": 9000}
 SHOWN = ("session done:",)     # the summary line: one per session, whatever its end
 
@@ -87,7 +97,7 @@ mailproxy demo: a proxy, an auth service and in-memory mail backends on 127.0.0.
   OAuth bridge  carol/meadow logs in with a password; the proxy logs in with an
                 access token (XOAUTH2) to the OAuth-only IMAP backend 127.0.0.1:{b_oauth},
                 the auth service gets it from the token endpoint {token_url}
-{failover}  configuration {conf}
+{beyond_shown}  configuration {conf}
   STARTTLS on all three, certificate {cert} (throwaway)
 
 Try, in another terminal:
@@ -97,7 +107,7 @@ Try, in another terminal:
       --user bob:builder --mail-from bob@demo.test --mail-rcpt alice@demo.test -T -
   curl --ssl-reqd --cacert {cert} 'imap://alice:wonderland@localhost:{imap}/INBOX;UID=2'
   curl 'imap://carol:meadow@127.0.0.1:{imap}/INBOX;UID=1'
-{failover_try}
+{beyond_try}
 Ctrl-C stops everything.
 """
 
@@ -124,7 +134,8 @@ def run(echo=print, install_signals=True, ready=None):
         conf = os.path.join(workdir, "mail.conf")
         cert, key = throwaway_certificate(workdir)
         with open(conf, "w") as file:
-            file.write(CONFIG.format(cert=cert, key=key, beyond=_beyond(), **ports))
+            file.write(CONFIG.format(cert=cert, key=key,
+                                     beyond=" ".join(line[0] for line in _beyond()), **ports))
         worker = Worker(configmod.load(conf, prefix=workdir))
         worker.open()
         _one_line_per_session(worker)
@@ -133,9 +144,10 @@ def run(echo=print, install_signals=True, ready=None):
         shown = dict(b_imap=backends.imap_port, b_pop3=backends.pop3_port,
                      b_smtp=backends.smtp_port, b_oauth=provider.imap_port,
                      token_url=provider.token_url, b_stopped=stopped, **ports)
-        failover = FAILOVER if "proxy_backend_tries" in directives.TABLE else ("", "")
-        echo(BANNER.format(conf=conf, cert=cert, failover=failover[0].format(**shown),
-                           failover_try=failover[1].format(**shown), **shown))
+        beyond_shown, beyond_try = ("".join(line[i] for line in _beyond()).format(**shown)
+                                    for i in (1, 2))
+        echo(BANNER.format(conf=conf, cert=cert, beyond_shown=beyond_shown,
+                           beyond_try=beyond_try, **shown))
         if ready:
             ready(ports, worker)
         return worker.serve()
@@ -172,9 +184,9 @@ def _start_auth_service(workdir, backends, provider, refresh_token, stopped):
 
 
 def _beyond():
-    """The BEYOND directives this build knows (the issue 18 work merges
-    branch by branch); the others are left out, not guessed."""
-    return " ".join(line for name, line in BEYOND.items() if name in directives.TABLE)
+    """The BEYOND entries whose directive this build knows; the others are
+    left out, not guessed."""
+    return [entry for name, entry in BEYOND.items() if name in directives.TABLE]
 
 
 def throwaway_certificate(workdir):
