@@ -35,6 +35,7 @@ _ESCAPED = frozenset(range(0x21)) | {0x25, 0x7F}     # control bytes, space, "%"
 # Auth-Backend-Auth (beyond nginx): how the proxy logs in to the backend;
 # "none" is the protocol's own way (IMAP LOGIN, POP3 USER/PASS, SMTP no AUTH).
 BACKEND_AUTH = ("none", "plain", "login", "xoauth2", "oauthbearer")
+TOKEN_MECHANISMS = ("xoauth2", "oauthbearer")      # Auth-Pass must carry the token
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # in a reply's value: invalid (HTAB is not)
 
 
@@ -242,6 +243,10 @@ def parse_reply(headers):
             raise AuthServiceError("auth http server did not send server or port")
         server, port = _server(server), _port(port)
         backend_auth = _backend_auth(values.get("auth-backend-auth"))
+        if backend_auth in TOKEN_MECHANISMS and "auth-pass" not in values:
+            # the client's password is no token: never send it to a provider as one
+            raise AuthServiceError(f'auth http server sent "Auth-Backend-Auth: {backend_auth}" '
+                                   "without Auth-Pass")
     return AuthReply(
         status=status, server=server, port=port,
         user=_raw(values.get("auth-user")), password=_raw(values.get("auth-pass")),

@@ -379,11 +379,16 @@ def test_auth_backend_auth_names_the_backend_login(start_proxy, auth_service, ba
     finished(server)
 
 
-def test_an_unknown_auth_backend_auth_is_the_auth_services_error(start_proxy, auth_service):
-    auth_service.reply = ok("127.0.0.1", free_port(), Auth_Backend_Auth="cram-md5")
+@pytest.mark.parametrize("headers, logged", [
+    ({"Auth_Backend_Auth": "cram-md5"}, 'auth http server sent invalid Auth-Backend-Auth "cram-md5"'),
+    ({"Auth_Backend_Auth": "XOAUTH2"},           # the client's password is not a token
+     'auth http server sent "Auth-Backend-Auth: xoauth2" without Auth-Pass')])
+def test_a_wrong_auth_backend_auth_is_the_auth_services_error(start_proxy, auth_service,
+                                                              headers, logged):
+    auth_service.reply = ok("127.0.0.1", 9, **headers)
     proxy = start_proxy(["protocol imap;"], auth=auth_service.url)
     with proxy.client() as client:
         client.line()
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == imap.INTERNAL_ERROR
-    proxy.wait_log('auth http server sent invalid Auth-Backend-Auth "cram-md5"')
+    proxy.wait_log(logged)
