@@ -42,7 +42,8 @@ LOGIN, PASSWORD, BACKEND_USER = "joe", "secret", "joe@example.org"
 REFRESH_TOKEN, CLIENT_ID, CLIENT_SECRET = "1//refresh-joe", "proxy-client", "s3cret-client"
 TOKENS = ("ya29.first-access-token", "ya29.second-access-token")
 PROVIDER_ERROR = b'{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"}'
-SERVERS = ["protocol imap;", "protocol pop3;", "protocol smtp; xclient off;"]
+SERVERS = {"imap": "protocol imap;", "pop3": "protocol pop3;",
+           "smtp": "protocol smtp; xclient off;"}
 PROTOCOLS = ("imap", "pop3", "smtp")
 
 
@@ -103,8 +104,9 @@ class TokenEndpoint:
 @pytest.fixture
 def bridge(tmp_path, start_proxy, backend):
     """bridge(scripts, replies, ...) -> (proxy, token endpoint, backends):
-    the proxy (IMAP, POP3, SMTP listeners) asking the reference auth
-    service, whose user joe is an OAuth account of the token endpoint."""
+    the proxy (a listener for the protocol of each script, in order)
+    asking the reference auth service, whose user joe is an OAuth account
+    of the token endpoint."""
     with contextlib.ExitStack() as stack:
         def start(scripts, replies=(granted(TOKENS[0]),), mechanism="xoauth2",
                   user=BACKEND_USER, token_url=None, hold=None):
@@ -121,7 +123,7 @@ def bridge(tmp_path, start_proxy, backend):
                 f" client-secret={CLIENT_SECRET} refresh-token={REFRESH_TOKEN}"
                 f" backend-auth={mechanism}\n")
             service = stack.enter_context(reference_auth_service(users))
-            proxy = start_proxy(SERVERS, auth=f"127.0.0.1:{service.server_address[1]}/auth",
+            proxy = start_proxy([SERVERS[name] for name in scripts], auth=f"127.0.0.1:{service.server_address[1]}/auth",
                                 mail="trace on;")      # a trace shows no token either
             return proxy, endpoint, servers
         yield start
@@ -151,7 +153,7 @@ SMTP_SCRIPT = [("send", b"220 smtp.test ESMTP\r\n"), ("expect", b"EHLO mx.test\r
 
 def imap_login(proxy):
     """imaplib logs in with the password and sends one NOOP to the backend."""
-    client = imaplib.IMAP4("127.0.0.1", proxy.ports[0], timeout=10)
+    client = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=10)
     try:
         client.login(LOGIN, PASSWORD)
         assert client.noop() == ("OK", [b"NOOP relayed"])
@@ -160,7 +162,7 @@ def imap_login(proxy):
 
 
 def pop3_login(proxy):
-    client = poplib.POP3("127.0.0.1", proxy.ports[1], timeout=10)
+    client = poplib.POP3("127.0.0.1", proxy.port, timeout=10)
     client.user(LOGIN)
     assert client.pass_(PASSWORD) == b"+OK Welcome."
     assert client.stat() == (0, 0)
@@ -168,7 +170,7 @@ def pop3_login(proxy):
 
 
 def smtp_login(proxy):
-    with smtplib.SMTP("127.0.0.1", proxy.ports[2], timeout=10) as client:
+    with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as client:
         assert client.login(LOGIN, PASSWORD) == (235, b"2.0.0 OK")
         assert client.noop() == (250, b"2.0.0 relayed")
         client.close()
@@ -280,7 +282,7 @@ def test_a_failing_token_endpoint_fails_the_login_cleanly(bridge, caplog, replie
                                                           logged):
     caplog.set_level(logging.INFO, logger="mailproxy.authservice")
     proxy, _, servers = bridge({"imap": imap_script()}, replies=replies, token_url=token_url)
-    client = imaplib.IMAP4("127.0.0.1", proxy.ports[0], timeout=10)
+    client = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=10)
     try:
         with pytest.raises(imaplib.IMAP4.error, match=UNAVAILABLE):
             client.login(LOGIN, PASSWORD)
@@ -316,7 +318,7 @@ CLIENT_ERRORS = {"imap": imaplib.IMAP4.error, "pop3": poplib.error_proto,
 
 def failed_login(proxy, protocol):
     """The client's password login, which must fail; its socket closed."""
-    client = CLIENTS[protocol](proxy.ports[PROTOCOLS.index(protocol)])
+    client = CLIENTS[protocol](proxy.port)
     try:
         with pytest.raises(CLIENT_ERRORS[protocol]):
             if protocol == "pop3":
