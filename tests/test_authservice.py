@@ -147,6 +147,10 @@ def test_a_failed_backend_makes_way_for_the_next_of_the_users_list(tmp_path):
         assert login(service, protocol="smtp", failed=(
             "127.0.0.1:1025", "[::1]:2025", "127.0.0.1:3025")) == \
             [("Auth-Status", authservice.UNAVAILABLE), ("Auth-Error-Code", "454 4.7.0")]
+        assert ask(service.server_address, Auth_Method="none", Auth_User="", Auth_Pass="",
+                   Auth_Protocol="smtp", Auth_SMTP_To="RCPT TO:<joe@example.org>",
+                   Auth_Backend_Failed=["127.0.0.1:1025"])[1:3] == \
+            [("Auth-Server", "::1"), ("Auth-Port", "2025")]       # MX mode too
 
 
 @pytest.mark.parametrize("protocol, port", [("pop3", "1110"), ("smtp", "1025")])

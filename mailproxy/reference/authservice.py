@@ -361,13 +361,9 @@ class AuthService(http.server.ThreadingHTTPServer):
         """Where to and as whom: the first backend of the user's list that
         has not failed (Auth-Backend-Failed), the password or, for an
         OAuth account, an access token and the mechanism to use it with."""
-        failed = headers.get_all("Auth-Backend-Failed") or []
-        backend = next((b for b in user.backends[protocol] if _hostport(b) not in failed), None)
-        if backend is None:
-            log.warning("no backend left for %s (%s): %s failed", user.login, protocol,
-                        ", ".join(failed))
-            return _refusal(UNAVAILABLE, protocol, attempt=None, code="454 4.7.0")
-        answer = {"Auth-Status": "OK", "Auth-Server": backend[0], "Auth-Port": str(backend[1])}
+        answer = _next_backend(user, protocol, headers)
+        if answer["Auth-Status"] != "OK":
+            return answer
         if user.backend_login:
             answer["Auth-User"] = _wire(user.backend_login)
         if user.oauth:
@@ -389,8 +385,7 @@ class AuthService(http.server.ThreadingHTTPServer):
         user = self.users.get(address.partition("@")[0]) or self.users.get(address)
         if user is None or "smtp" not in user.backends:
             return {"Auth-Status": "User unknown", "Auth-Error-Code": "550 5.1.1"}
-        host, port = user.backends["smtp"][0]
-        return {"Auth-Status": "OK", "Auth-Server": host, "Auth-Port": str(port)}
+        return _next_backend(user, "smtp", headers)
 
 
 def _verify(user, method, headers):
@@ -420,6 +415,19 @@ def _attempt(headers):
     """Auth-Login-Attempt, counted from 1 as the proxy does."""
     text = headers.get("Auth-Login-Attempt", "")
     return max(int(text), 1) if text.isascii() and text.isdigit() else 1
+
+
+def _next_backend(user, protocol, headers):
+    """The answer naming the first of the user's backends that the proxy
+    has not reported failed (Auth-Backend-Failed), or, with none left, a
+    temporary failure."""
+    failed = headers.get_all("Auth-Backend-Failed") or []
+    backend = next((b for b in user.backends[protocol] if _hostport(b) not in failed), None)
+    if backend is None:
+        log.warning("no backend left for %s (%s): %s failed", user.login, protocol,
+                    ", ".join(failed))
+        return _refusal(UNAVAILABLE, protocol, attempt=None, code="454 4.7.0")
+    return {"Auth-Status": "OK", "Auth-Server": backend[0], "Auth-Port": str(backend[1])}
 
 
 def _hostport(backend):
