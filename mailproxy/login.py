@@ -6,8 +6,10 @@ the client's credentials returns them, and the session's command loop calls
 share:
 
     ask the auth service (again while it says WAIT)
-      -> refused: the protocol's failure reply (after any Auth-Wait), and
-         either the end of the session or, with Auth-Wait, a fresh start
+      -> refused: the protocol's failure reply (after any Auth-Wait, and
+         for XOAUTH2/OAUTHBEARER after any Auth-Error-SASL challenge and
+         the client's answer to it), and either the end of the session
+         or, with Auth-Wait, a fresh start
       -> admitted: connect to the backend it named, replay the login there
          (the protocol's `backend_login` hook), forward the backend's final
          reply, then relay bytes both ways until one side closes.
@@ -15,19 +17,26 @@ share:
 What it uses of the session: its config and service (auth client, TLS to
 backends), its client Stream and log, the protocol hooks
 (auth_extra_headers, auth_failed_reply, back_to_start, backend_login,
-relay_buffers)
+relay_buffers, continuation, sasl_syntax_reply)
 and the fields the logs and the status page show.
+
+Deadlines (SECURITY.md, "Deadlines, phase by phase"): the client has none
+while the auth service is asked (`auth_http_timeout` per request), during
+an Auth-Wait (the wait itself) and while the backend logs in (`timeout`
+from the connect); each write to the client afterwards, and the next try
+after an Auth-Wait, has a fresh `timeout`.
 """
 
 import functools
 import time
 
-from . import backend
+from . import backend, sasl
 from .auth_http import AuthRequest, AuthServiceError
 from .backend import BackendError
 from .log import hostport
 from .ops import metrics, proxy_protocol
 from .ops.splice import relay_class
+from .stream import TooLong
 
 MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we give up
                             # (nginx loops for ever; its docs suggest 10-20 attempts)
@@ -46,7 +55,7 @@ def log_in(session, credentials):
     session.client.set_deadline(None)
     reply = session.auth_reply = ask_auth_service(session, credentials)
     if not reply.ok:
-        refused(session, reply)
+        refused(session, reply, credentials)
         return
     stream = connect_backend(session, credentials, reply)
     if stream is not None:
@@ -95,21 +104,53 @@ def ask_once(session, request):
     return reply
 
 
-def refused(session, reply):
+def refused(session, reply, credentials):
     """The client is told no; with Auth-Wait, after the wait, and it may
-    try again under a fresh `timeout`."""
+    try again under a fresh `timeout`.  After XOAUTH2 or OAUTHBEARER an
+    Auth-Error-SASL challenge and the client's answer come first."""
     session.log.info('client login failed: "%s"', reply.status)
+    if reply.wait:
+        session.client.wait(reply.wait, session.command_limit())
+    session.client.set_deadline(session.config.timeout)  # the reply and the next try
+    failure = session.auth_failed_reply(reply)
+    challenge = reply.header("Auth-Error-SASL")
+    if challenge is not None and credentials.method in sasl.OAUTH_METHODS:
+        failure = sasl_error(session, challenge.strip(" ")) or failure
     if not reply.wait:
         session.ended("auth")
-        session.send(session.auth_failed_reply(reply))
+        session.send(failure)
         session.quit = True
         return
-    session.client.wait(reply.wait, session.command_limit())
-    session.send(session.auth_failed_reply(reply))
+    session.send(failure)
     session.back_to_start()
     session.set_step("in auth state")
     session.enter(metrics.GREETING)
+
+
+def sasl_error(session, challenge):
+    """Auth-Error-SASL (freenginx; RFC 7628 3.2.2): the auth service's
+    error (base64 JSON) goes to the client as a challenge, and its answer
+    (`AQ==` or an empty line) ends the exchange, under `timeout`.  The
+    protocol's syntax-error reply if that answer is not base64, else None
+    (the failure reply follows as usual)."""
+    if not sasl.is_challenge(challenge):
+        raise AuthServiceError("auth http server sent invalid Auth-Error-SASL")
     session.client.set_deadline(session.config.timeout)
+    session.send(session.continuation(challenge))
+    if session.tracer:
+        session.tracer.sasl(True)
+    failed = True
+    try:
+        sasl.decode(session.client.readline(session.command_limit()))
+        failed = False
+    except sasl.SaslError:
+        return session.sasl_syntax_reply()
+    except TooLong:         # an answer is a credential: no IMAP tag is echoed from it
+        raise TooLong(b"") from None
+    finally:
+        if session.tracer:
+            session.tracer.sasl(False, failed)
+    return None
 
 
 def connect_backend(session, credentials, reply):

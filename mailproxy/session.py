@@ -19,9 +19,11 @@ never talks to the auth service or the backend.
 
 The shared machinery lives here: the `timeout` deadline for the pre-login
 phase (set on the client Stream, which re-arms the socket's timeout with
-what is left of it before every read and write), the `max_errors` budget,
-SASL exchanges, STARTTLS, and the single place where every exception
-becomes a log line and, if still possible, a reply.
+what is left of it before every read and write, so a client that drips its
+bytes gains no time; SECURITY.md lists the deadline of every phase), the
+`max_errors` budget, the `max_commands` limit, SASL exchanges, STARTTLS,
+and the single place where every exception becomes a log line and, if
+still possible, a reply.
 
 Handlers raise, they do not write error replies: `Rejected(reply)` for a
 refused command, `InternalError` for a failure the client can only be told
@@ -81,10 +83,11 @@ class Command:
 class Session(socketserver.BaseRequestHandler):
     """One client connection.  Subclasses set the class attributes below
     and define `read_command`, `greet`, the `do_<VERB>` handlers and the
-    hooks (command_limit, invalid_reply, too_long_reply, auth_failed_reply,
-    backend_login; back_to_start, auth_extra_headers and relay_buffers have
-    defaults).  `service` is the server{}'s shared, read-only part
-    (server.Service); `listen` the `listen` entry the client came in on."""
+    hooks (command_limit, invalid_reply, too_long_reply, too_many_reply,
+    auth_failed_reply, continuation, sasl_syntax_reply, backend_login;
+    back_to_start, auth_extra_headers and relay_buffers have defaults).
+    `service` is the server{}'s shared, read-only part (server.Service);
+    `listen` the `listen` entry the client came in on."""
 
     protocol = ""
     INTERNAL_ERROR = b""
@@ -114,6 +117,7 @@ class Session(socketserver.BaseRequestHandler):
         self.backend_socket = None      # held from before connect(), for abort()
         self.state = "start"
         self.errors = 0
+        self.commands = 0               # command lines read before login (max_commands)
         self.attempt = 0                # logins asked about so far (Auth-Login-Attempt)
         self.quit = False
         self.auth_reply = None
@@ -213,12 +217,15 @@ class Session(socketserver.BaseRequestHandler):
 
     def next_command(self):
         """Read and run one command; the credentials it took, if any."""
+        self.commands += 1
         try:
             command = self.read_command()
             self.log.debug("client command %s in %s state", command.verb, self.state)
             handler = self.handlers.get(command.verb)
             if self.tracer:
                 self.tracer.command(command, self.SECRETS.get(command.verb), bool(handler))
+            if self.commands > self.config.max_commands:
+                raise Rejected(self.too_many_reply(command), close=True)
             if handler is None:
                 raise Rejected(self.invalid_reply(command), counted=True)
             if command.verb not in self.STATES[self.state]:
@@ -236,12 +243,18 @@ class Session(socketserver.BaseRequestHandler):
             return None
 
     def reject(self, exc):
-        """Send a refusal; count it if the parser refused (max_errors)."""
+        """Send a refusal; count it if the parser refused (max_errors).
+        Past `max_commands` (freenginx) every refusal ends the session, the
+        parser's own included."""
         if exc.counted:
             self.errors += 1
         self.state = "start"
         self.send(exc.reply)
-        if exc.close:
+        if self.commands > self.config.max_commands:
+            self.log.info("client sent too many commands")
+            self.ended("invalid")
+            self.quit = True
+        elif exc.close:
             self.ended("invalid")
             self.quit = True
         elif exc.counted and self.errors >= self.config.max_errors:
@@ -253,7 +266,12 @@ class Session(socketserver.BaseRequestHandler):
         self.client.write(data)
 
     def send_quietly(self, data):
-        """A last word before closing; the client may already be gone."""
+        """A last word before closing; the client may already be gone, or
+        have stopped reading.  After the auth step the client has no
+        deadline: the word gets a fresh `timeout`, as nginx's
+        ngx_mail_send() arms one for a blocked write."""
+        if self.client.deadline is None:
+            self.client.set_deadline(self.config.timeout)
         try:
             self.client.write(data)
         except (OSError, Closed, TimeoutError):
@@ -361,9 +379,10 @@ class Session(socketserver.BaseRequestHandler):
 
     # ---------------------------------------------------------- SASL
 
-    def sasl(self, mechanism, initial, continuation, limit):
-        """Run a SASL exchange; `continuation(challenge)` makes the protocol's
-        `+ ...` or `334 ...` line.  Returns Credentials; raises SaslError."""
+    def sasl(self, mechanism, initial, limit):
+        """Run a SASL exchange; the `continuation(challenge)` hook makes the
+        protocol's `+ ...` or `334 ...` line.  Returns Credentials; raises
+        SaslError."""
         exchange = EXCHANGES[mechanism](initial, self.salt)
         failed = True
         if self.tracer:
@@ -371,7 +390,7 @@ class Session(socketserver.BaseRequestHandler):
         try:
             challenge = next(exchange)
             while True:
-                self.send(continuation(challenge))
+                self.send(self.continuation(challenge))
                 challenge = exchange.send(self.client.readline(limit))
         except StopIteration as done:
             failed = False
@@ -390,6 +409,15 @@ class Session(socketserver.BaseRequestHandler):
 
     def command_limit(self):
         """The client command buffer size: the longest command accepted."""
+        raise NotImplementedError
+
+    def continuation(self, challenge):
+        """The line that sends a SASL challenge (base64 text) to the client."""
+        raise NotImplementedError
+
+    def sasl_syntax_reply(self):
+        """The reply to a SASL answer that is not base64, after the auth
+        service's Auth-Error-SASL challenge (login.py)."""
         raise NotImplementedError
 
     def back_to_start(self):

@@ -2,7 +2,7 @@
 
 Two kinds of client meet the proxy on SMTP:
 * a mail user agent submitting mail, which authenticates with AUTH
-  (PLAIN, LOGIN, CRAM-MD5, EXTERNAL) before MAIL FROM;
+  (PLAIN, LOGIN, CRAM-MD5, EXTERNAL, XOAUTH2, OAUTHBEARER) before MAIL FROM;
 * with `smtp_auth none`, an MTA delivering mail (MX mode): it never
   authenticates, so its first RCPT TO starts the auth request (method
   `none`), carrying the HELO name, MAIL FROM and RCPT TO lines so the auth
@@ -16,7 +16,7 @@ with `smtp_greeting_delay`, a client that talks first is turned away.
 from . import backend, backend_sasl, words
 from .auth_http import AuthServiceError
 from .ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
-from .sasl import Credentials, SaslError
+from .sasl import GATED_METHODS, Credentials, SaslError
 from .session import Command, Rejected, Session
 
 INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
@@ -25,9 +25,11 @@ CERTIFICATE_ERROR = b"421 4.7.1 SSL certificate error\r\n"
 START_TLS = b"220 2.0.0 Start TLS\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
+BAD_BASE64 = b"501 5.5.2 Cannot decode response\r\n"    # RFC 4954 4
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 AUTH_REQUIRED = b"530 5.7.1 Authentication required\r\n"
 STARTTLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 4
+TOO_MANY = b"554 5.7.0 Too many commands\r\n"     # past max_commands; the connection closes
 PIPELINING_REJECT = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
 OK = b"250 2.0.0 OK\r\n"
 BYE = b"221 2.0.0 Bye\r\n"
@@ -37,7 +39,8 @@ MAX_ARGUMENTS = 11                      # nginx's SMTP parser limit
 # What a trace hides (ops/trace.py): everything after the mechanism.
 SECRETS = {"AUTH": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 SASL_ORDER = (("plain", b"PLAIN"), ("login", b"LOGIN"),
-              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"))
+              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"),
+              ("xoauth2", b"XOAUTH2"), ("oauthbearer", b"OAUTHBEARER"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}
 
 
@@ -60,7 +63,7 @@ class Texts:
                      "on": multiline(b"250", lines + [b"STARTTLS"]),
                      "only": multiline(b"250", [name] + caps + [b"STARTTLS"])}
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.smtp_auth
-                                             if m in ("cram-md5", "external")}
+                                             if m in GATED_METHODS}
         self.mx_mode = "none" in config.smtp_auth
         self.resolver = HostResolver(config.resolver, config.resolver_timeout) \
             if config.resolver else None
@@ -150,7 +153,7 @@ class SmtpSession(Session):
         if mechanism == "CRAM-MD5":
             self.new_salt()
         try:
-            credentials = self.sasl(mechanism, initial, _continuation, self.command_limit())
+            credentials = self.sasl(mechanism, initial, self.command_limit())
         except SaslError:
             raise Rejected(INVALID) from None
         return credentials
@@ -222,12 +225,21 @@ class SmtpSession(Session):
     def invalid_reply(self, command):
         return INVALID
 
+    def too_many_reply(self, command):
+        return TOO_MANY
+
     def too_long_reply(self, head):
         return INVALID
 
     def auth_failed_reply(self, reply):
         code = reply.error_code or DEFAULT_ERROR_CODE
         return code.encode("latin-1") + b" " + reply.status.encode("latin-1") + b"\r\n"
+
+    def continuation(self, challenge):
+        return b"334 " + challenge.encode() + b"\r\n"
+
+    def sasl_syntax_reply(self):
+        return BAD_BASE64
 
     def back_to_start(self):
         """HELO and MAIL are kept (spec 2.5); the refused RCPT is not, so a
@@ -275,7 +287,3 @@ def multiline(code, lines):
     """An SMTP multi-line reply: `250-a`, `250-b`, `250 c` (RFC 5321 4.2.1)."""
     return b"".join(code + (b" " if i == len(lines) - 1 else b"-") + line + b"\r\n"
                     for i, line in enumerate(lines))
-
-
-def _continuation(challenge):
-    return b"334 " + challenge.encode() + b"\r\n"

@@ -51,6 +51,17 @@ class Hang:
         return f'Hang({self.seconds})'
 
 
+class Trickle:
+    """Auth reply: write *data* a byte at a time, *gap* seconds apart,
+    then close (or stop when the proxy has gone)."""
+
+    def __init__(self, data, gap):
+        self.data, self.gap = data, gap
+
+    def __repr__(self):
+        return f'Trickle({len(self.data)} bytes, {self.gap}s apart)'
+
+
 @dataclass
 class AuthRequest:
     """One request as the auth service received it.
@@ -113,6 +124,7 @@ class ScriptedAuthService:
     * bytes: written verbatim, then the connection is closed (garbage,
       oversized or malformed headers, a reply without its blank line);
     * ``Hang(seconds)``: no reply at all, then close;
+    * ``Trickle(data, gap)``: the bytes one at a time, then close;
     * a callable ``f(request) -> reply`` for sequences (see `sequence`).
 
     Header replies use the request's HTTP version and carry
@@ -255,6 +267,15 @@ class _AuthHandler(socketserver.StreamRequestHandler):
         closing = self.server.service._closing
         if isinstance(reply, Hang):
             closing.wait(reply.seconds)
+            return False
+        if isinstance(reply, Trickle):
+            for byte in reply.data:
+                if closing.wait(reply.gap):
+                    return False
+                try:
+                    self.wfile.write(bytes((byte,)))
+                except OSError:         # the proxy gave up on us
+                    return False
             return False
         if isinstance(reply, bytes):
             self.wfile.write(reply)

@@ -556,3 +556,42 @@ def test_the_failure_table_forgets_the_oldest_addresses(service, monkeypatch):
         service.failures.add(f"10.2.{number // 250}.{number % 250}")
     assert len(service.failures.recent) <= 100
     assert "10.2.1.249" in service.failures.recent        # the newest are kept
+
+
+# ------------------------------------------- bearer tokens (XOAUTH2, OAUTHBEARER)
+
+BEARER_USERS = """\
+tom  {PLAIN}backend-pw  imap=127.0.0.1:5143 smtp=127.0.0.1:5025 bearer=ya29.tom-token
+sue  {PLAIN}pw  imap=127.0.0.1:6143
+"""
+
+
+@pytest.fixture
+def bearer_service(tmp_path):
+    path = tmp_path / "users.conf"
+    path.write_text(BEARER_USERS)
+    with reference_auth_service(path, POLL) as service:
+        yield service
+
+
+@pytest.mark.parametrize("method", ["xoauth2", "oauthbearer"])
+def test_a_bearer_token_from_the_users_file_admits_with_the_backend_password(bearer_service,
+                                                                           method):
+    assert login(bearer_service, "tom", "ya29.tom-token", method=method) == [
+        ("Auth-Status", "OK"), ("Auth-Server", "127.0.0.1"), ("Auth-Port", "5143"),
+        ("Auth-Pass", "backend-pw")]
+
+
+@pytest.mark.parametrize("user, token, method", [
+    ("tom", "ya29.wrong", "xoauth2"), ("tom", "backend-pw", "oauthbearer"),
+    ("sue", "pw", "xoauth2"), ("nobody", "ya29.tom-token", "oauthbearer")],
+    ids=["wrong token", "the password is no token", "no bearer= key", "unknown user"])
+def test_a_refused_token_gets_an_auth_error_sasl_challenge(bearer_service, user, token, method):
+    assert login(bearer_service, user, token, method=method) == refused() + [
+        ("Auth-Error-SASL", authservice.BEARER_ERROR)]
+    assert base64.b64decode(authservice.BEARER_ERROR) == \
+        b'{"status":"invalid_token","schemes":"bearer"}'
+
+
+def test_a_bearer_token_is_no_password(bearer_service):
+    assert login(bearer_service, "tom", "ya29.tom-token") == refused()

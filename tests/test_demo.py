@@ -116,3 +116,8 @@ def test_demo_commands_from_the_banner_work(demo):
     fetch = subprocess.run(["curl", "-sS", f"imap://alice:wonderland@127.0.0.1:{ports['IMAP']}"
                             "/INBOX;UID=3"], capture_output=True, timeout=20)
     assert b"Hi Alice!" in fetch.stdout
+    bearer = subprocess.run(["curl", "-sS", "--oauth2-bearer", "demo-token-alice",
+                             f"imap://alice@127.0.0.1:{ports['IMAP']}/INBOX;UID=1"],
+                            capture_output=True, timeout=20)
+    assert b"Subject: Demo message 1 of 2" in bearer.stdout, bearer.stderr
+    assert "curl --oauth2-bearer demo-token-alice 'imap://alice@127.0.0.1:" in banner

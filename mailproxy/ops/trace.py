@@ -9,10 +9,12 @@ line of its pre-login dialogue on both of its connections:
 and, once the relay starts, nothing but the byte counts at its end.  This is
 for teaching and debugging, so the lines are the wire's, with one exception:
 whatever proves an identity is shown as `***`: LOGIN passwords (quoted,
-atom or literal), every SASL response and initial response (base64), the
-APOP and CRAM-MD5 digests, POP3 PASS, and the same on the backend side (the
-LOGIN password literal, PASS, and every initial response and answer of an
-AUTH or AUTHENTICATE, such as an XOAUTH2 token: backend_sasl.py).  The
+atom or literal), every SASL response and initial response (base64:
+XOAUTH2 and OAUTHBEARER tokens too, and the answer to an Auth-Error-SASL
+challenge), the APOP and CRAM-MD5 digests, POP3 PASS, and the same on the
+backend side (the LOGIN password literal, PASS, and every initial response
+and answer of an AUTH or AUTHENTICATE, such as an XOAUTH2 token:
+backend_sasl.py).  The
 login itself, challenges and XCLIENT are shown.
 
 Client lines are redacted from what the session's parser made of them,

@@ -15,11 +15,15 @@ digest of the password, and checking a digest needs the clear text.
 `auth-user=` renames the login toward the backend.  A protocol may list
 several backends, comma-separated: the first is named, and when the proxy
 asks again because a backend failed (`Auth-Backend-Failed: ADDR:PORT`
-headers, `proxy_backend_tries`), the first one that has not failed.  A user
-with `token-url=`, `client-id=`, `client-secret=` and `refresh-token=` is
-an OAuth account: a login with the password is answered with an access
-token and `Auth-Backend-Auth` (oauth_tokens.py: the password-to-OAuth
-bridge).  For SMTP without
+headers, `proxy_backend_tries`), the first one that has not failed.
+`bearer=TOKEN` lets the user log in with XOAUTH2 or OAUTHBEARER and that
+bearer token (a demonstration: a real site asks its OAuth provider
+instead); the backend login then needs a {PLAIN} password for IMAP and
+POP3, as for CRAM-MD5, and a refused token is answered with an
+Auth-Error-SASL challenge.  A user with `token-url=`, `client-id=`,
+`client-secret=` and `refresh-token=` is an OAuth account toward the
+backend: a login is answered with an access token and `Auth-Backend-Auth`
+(oauth_tokens.py: the password-to-OAuth bridge).  For SMTP without
 authentication (`smtp_auth none`, MX mode), the recipient's local part picks
 the user whose smtp= backend takes the mail.
 
@@ -82,6 +86,7 @@ class User:
     secret: str                 # "{SCRYPT}..." or "{PLAIN}..."
     backends: dict = field(default_factory=dict)   # protocol -> [(host, port), ...]
     backend_login: str = None
+    bearer: str = None          # the token XOAUTH2 and OAUTHBEARER logins must show
     oauth: oauth_tokens.Account = None
 
     @property
@@ -172,6 +177,8 @@ def _parse_user(words):
             raise ValueError(f"expected key=value, got {word!r}")
         if key == "auth-user":
             user.backend_login = value
+        elif key == "bearer":
+            user.bearer = value
         elif key in ("imap", "pop3", "smtp"):
             user.backends[key] = [_backend(item) for item in value.split(",")]
         elif key in oauth_tokens.KEYS:
@@ -355,7 +362,7 @@ class AuthService(http.server.ThreadingHTTPServer):
             # as slow as a known login's check: the timing names no account
             check_password(User("", DECOY), _unescape(headers.get("Auth-Pass", "")))
         self.failures.add(client)
-        return _refusal(INVALID, protocol, _attempt(headers))
+        return bearer_refusal(method, _refusal(INVALID, protocol, _attempt(headers)))
 
     def admit(self, user, protocol, needs_password, headers):
         """Where to and as whom: the first backend of the user's list that
@@ -393,6 +400,8 @@ def _verify(user, method, headers):
     salt = headers.get("Auth-Salt", "").encode("latin-1").strip()
     if method == "plain":
         return check_password(user, password)
+    if method in BEARER_METHODS:
+        return check_bearer(user, password)
     if user.clear_text is None:
         return False                # digests need the clear text: a {PLAIN} entry
     if method == "cram-md5":
@@ -400,6 +409,26 @@ def _verify(user, method, headers):
     if method == "apop":
         return check_apop(user.clear_text, salt, password)
     return False                    # external: needs a client certificate (TLS)
+
+
+# ------------------------------------------- bearer tokens (XOAUTH2, OAUTHBEARER)
+
+BEARER_METHODS = ("xoauth2", "oauthbearer")
+# RFC 7628 3.2.2: the error a client hears (as a SASL challenge) when its
+# token is refused; the proxy sends it, base64, before the failure reply.
+BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token","schemes":"bearer"}').decode()
+
+
+def check_bearer(user, token):
+    """The token the users file holds for `user` (its bearer= key)."""
+    return user.bearer is not None and hmac.compare_digest(user.bearer.encode(), token)
+
+
+def bearer_refusal(method, answer):
+    """A refused XOAUTH2 or OAUTHBEARER login also carries Auth-Error-SASL."""
+    if method in BEARER_METHODS:
+        answer["Auth-Error-SASL"] = BEARER_ERROR
+    return answer
 
 
 def _refusal(text, protocol, attempt, code=None):

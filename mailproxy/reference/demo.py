@@ -3,7 +3,8 @@
 Four pieces start, each the real thing except the last two:
 1. the proxy itself, from an ordinary nginx-syntax configuration written to
    a temporary directory (IMAP, POP3 and SMTP listeners);
-2. the reference auth service (authservice.py) with the demo users;
+2. the reference auth service (authservice.py) with the demo users, one
+   of whom may also log in with a bearer token (XOAUTH2, OAUTHBEARER);
 3. small in-memory IMAP, POP3 and SMTP backends (demo_backends.py, one
    module per protocol): teaching aids, not mail servers, so nothing else
    needs installing;
@@ -48,6 +49,7 @@ from .demo_oauth import CLIENT_ID, CLIENT_SECRET, DemoProvider
 from .mailstore import Mailstore
 
 USERS = {"alice": "wonderland", "bob": "builder"}
+TOKENS = {"alice": "demo-token-alice"}     # bearer tokens for XOAUTH2/OAUTHBEARER logins
 OAUTH_USER, OAUTH_PASSWORD = "carol", "meadow"     # her backend takes OAuth 2.0 tokens only
 FAILOVER_USER, FAILOVER_PASSWORD = "dave", "diver"  # his first IMAP backend is stopped
 # Issue 18 directives the demo turns on when this build has them (the work
@@ -80,9 +82,11 @@ mail {{
     ssl_certificate_key {key};
     server {{ listen 127.0.0.1:{imap}; protocol imap;
              imap_capabilities IMAP4rev1 IDLE LITERAL+ UIDPLUS;
-             imap_auth plain login cram-md5; }}
-    server {{ listen 127.0.0.1:{pop3}; protocol pop3; pop3_auth plain apop cram-md5; }}
-    server {{ listen 127.0.0.1:{smtp}; protocol smtp; smtp_auth plain login cram-md5;
+             imap_auth plain login cram-md5 xoauth2 oauthbearer; }}
+    server {{ listen 127.0.0.1:{pop3}; protocol pop3;
+             pop3_auth plain apop cram-md5 xoauth2 oauthbearer; }}
+    server {{ listen 127.0.0.1:{smtp}; protocol smtp;
+             smtp_auth plain login cram-md5 xoauth2 oauthbearer;
              smtp_capabilities PIPELINING 8BITMIME "SIZE 10485760"; }}
 }}
 """
@@ -94,6 +98,7 @@ mailproxy demo: a proxy, an auth service and in-memory mail backends on 127.0.0.
   POP3  127.0.0.1:{pop3:<5}  ->  demo backend 127.0.0.1:{b_pop3}
   SMTP  127.0.0.1:{smtp:<5}  ->  demo backend 127.0.0.1:{b_smtp} (XCLIENT)
   auth service  http://127.0.0.1:{auth}/auth   users: alice/wonderland, bob/builder
+                bearer token for alice: demo-token-alice (XOAUTH2, OAUTHBEARER)
   OAuth bridge  carol/meadow logs in with a password; the proxy logs in with an
                 access token (XOAUTH2) to the OAuth-only IMAP backend 127.0.0.1:{b_oauth},
                 the auth service gets it from the token endpoint {token_url}
@@ -106,6 +111,7 @@ Try, in another terminal:
   printf 'Subject: hello\\r\\n\\r\\nHi Alice!\\r\\n' | curl smtp://127.0.0.1:{smtp} \\
       --user bob:builder --mail-from bob@demo.test --mail-rcpt alice@demo.test -T -
   curl --ssl-reqd --cacert {cert} 'imap://alice:wonderland@localhost:{imap}/INBOX;UID=2'
+  curl --oauth2-bearer demo-token-alice 'imap://alice@127.0.0.1:{imap}/INBOX;UID=1'
   curl 'imap://carol:meadow@127.0.0.1:{imap}/INBOX;UID=1'
 {beyond_try}
 Ctrl-C stops everything.
@@ -169,8 +175,9 @@ def _start_auth_service(workdir, backends, provider, refresh_token, stopped):
     ports = f"pop3=127.0.0.1:{backends.pop3_port} smtp=127.0.0.1:{backends.smtp_port}"
     with open(path, "w") as file:
         for login, password in USERS.items():
+            bearer = f" bearer={TOKENS[login]}" if login in TOKENS else ""
             file.write(f"{login} {plain_secret(password)} "
-                       f"imap=127.0.0.1:{backends.imap_port} {ports}\n")
+                       f"imap=127.0.0.1:{backends.imap_port} {ports}{bearer}\n")
         file.write(f"{OAUTH_USER} {plain_secret(OAUTH_PASSWORD)} "
                    f"imap=127.0.0.1:{provider.imap_port} token-url={provider.token_url} "
                    f"client-id={CLIENT_ID} client-secret={CLIENT_SECRET} "
