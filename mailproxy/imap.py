@@ -210,11 +210,12 @@ class ImapSession(Session):
     def sasl_syntax_reply(self):
         return _tagged(self.tag, INVALID)
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
         reply = self.auth_reply
         return backend.imap_login(stream, self.tag, login, password,
                                   self.config.proxy_buffer, self.set_step, starttls,
-                                  sasl=reply.backend_auth, address=(reply.server, reply.port))
+                                  origin, self.log, sasl=reply.backend_auth,
+                                  address=(reply.server, reply.port))
 
 
 def _capability(items):

@@ -164,8 +164,8 @@ class Pop3Session(Session):
         self.user = b""
         super().back_to_start()
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
         reply = self.auth_reply
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step, starttls, sasl=reply.backend_auth,
-                                  address=(reply.server, reply.port))
+                                  self.set_step, starttls, origin, self.log,
+                                  sasl=reply.backend_auth, address=(reply.server, reply.port))

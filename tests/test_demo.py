@@ -3,8 +3,9 @@
 The demo prints its listeners; the test waits for them (bounded), fetches
 the seeded mail through the proxy's IMAP and POP3 listeners, sends a message
 through its SMTP listener, finds that message through IMAP, logs carol in
-with her password to her OAuth-only backend (the bridge), and stops the
-demo with Ctrl-C (SIGINT), which must end it cleanly.
+with her password to her OAuth-only backend (the bridge), logs dave in past
+his stopped first backend (failover), asks the backend who the client is
+(ID), and stops the demo with Ctrl-C (SIGINT), which must end it cleanly.
 """
 
 import imaplib
@@ -95,6 +96,22 @@ def test_demo_bridges_a_password_login_to_its_oauth_only_backend(demo):
     with pytest.raises(imaplib.IMAP4.error, match="OAuth 2.0 tokens only"):
         direct.login("carol", "meadow")
     direct.logout()
+
+
+def test_demo_fails_over_and_tells_the_backend_the_client_address(demo):
+    """dave's first IMAP backend is stopped (proxy_backend_tries 2); the
+    backend learns the client's own address (proxy_client_address on)."""
+    process, ports, banner = demo
+    assert "dave/diver: IMAP backends 127.0.0.1:" in banner
+    imap = imaplib.IMAP4("127.0.0.1", ports["IMAP"], timeout=10)
+    imap.login("dave", "diver")
+    imap.select("INBOX")
+    status, data = imap.fetch("1", "(BODY[])")
+    assert status == "OK" and b"Subject: Demo message 1 of 1" in data[0][1]
+    assert imap.xatom("ID", "NIL")[0] == "OK"
+    assert imap.response("ID")[1] == [b'("name" "mailproxy demo" "client" "127.0.0.1:%d")'
+                                      % imap.sock.getsockname()[1]]
+    imap.logout()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None and not os.environ.get("CI"),

@@ -114,6 +114,7 @@ def test_login_request_carries_nginx_headers_in_order(start, auth):
     with greeted(proxy) as client:
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == b"a NO Invalid login or password\r\n"
+        client_port = client.sock.getsockname()[1]
     [request] = auth.requests
     assert request.raw.startswith(b"GET /auth HTTP/1.1\r\n")     # keep-alive: beyond nginx
     assert header_lines(request) == ["Host: 127.0.0.1",
@@ -123,6 +124,9 @@ def test_login_request_carries_nginx_headers_in_order(start, auth):
                                      "Auth-Protocol: imap",
                                      "Auth-Login-Attempt: 1",
                                      "Client-IP: 127.0.0.1",
+                                     f"Client-Port: {client_port}",     # beyond nginx:
+                                     "Server-IP: 127.0.0.1",            # the three after
+                                     f"Server-Port: {proxy.port}",      # nginx's own
                                      "X-Secret: s3 cr3t"]
 
 
@@ -139,13 +143,15 @@ def test_user_and_password_are_escaped(start, auth):
 
 
 def test_cram_md5_request_has_salt_and_digest(start, auth):
-    with greeted(start("imap_auth cram-md5;", auth=auth.url)) as client:
+    proxy = start("imap_auth cram-md5;", auth=auth.url)
+    with greeted(proxy) as client:
         client.send(b"a AUTHENTICATE CRAM-MD5\r\n")
         challenge = client.line()
         salt = base64.b64decode(challenge[2:-2])
         digest = hmac.new(b"secret", salt, hashlib.md5).hexdigest()
         client.send(b64(b"joe " + digest.encode()) + b"\r\n")
         assert client.line() == b"a NO Invalid login or password\r\n"
+        client_port = client.sock.getsockname()[1]
     assert header_lines(auth.requests[0]) == ["Host: 127.0.0.1",
                                               "Auth-Method: cram-md5",
                                               "Auth-User: joe",
@@ -153,7 +159,10 @@ def test_cram_md5_request_has_salt_and_digest(start, auth):
                                               f"Auth-Salt: {salt.decode()}",
                                               "Auth-Protocol: imap",
                                               "Auth-Login-Attempt: 1",
-                                              "Client-IP: 127.0.0.1"]
+                                              "Client-IP: 127.0.0.1",
+                                              f"Client-Port: {client_port}",
+                                              "Server-IP: 127.0.0.1",
+                                              f"Server-Port: {proxy.port}"]
 
 
 def test_refusal_is_a_tagged_no_then_close(start, auth):

@@ -117,9 +117,12 @@ def ssl_headers(request):
 
 
 def after_client_ip(request):
-    """Every header after Client-IP, in order (what TLS adds, and extras)."""
+    """Every header after Client-IP, in order (what TLS adds, and extras),
+    but the connection's Client-Port, Server-IP and Server-Port (checked in
+    test_client_address.py)."""
     names = [name for name, _ in request.headers]
-    return request.headers[names.index("Client-IP") + 1:]
+    return [(name, value) for name, value in request.headers[names.index("Client-IP") + 1:]
+            if name not in ("Client-Port", "Server-IP", "Server-Port")]
 
 
 def client_cert_headers(certs):

@@ -13,10 +13,9 @@ Four pieces start, each the real thing except the last two:
    password, and the proxy logs in there with an access token the auth
    service got with her refresh token: the password-to-OAuth bridge.
 dave's IMAP backends are a stopped one, then the demo backend: with
-`proxy_backend_tries` (when this build has it) the proxy asks the auth
-service again and gets the second.  With `proxy_client_address` (likewise)
-the IMAP backends learn the client's address from the proxy's ID command,
-and tell it to `ID NIL`.
+`proxy_backend_tries 2` the proxy asks the auth service again and gets the
+second.  With `proxy_client_address on` the IMAP backends learn the
+client's address from the proxy's ID command, and tell it to `ID NIL`.
 STARTTLS is on for all three listeners, with a throwaway self-signed
 certificate made at start (its path is printed for curl's --cacert).
 
@@ -41,7 +40,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .. import config as configmod
-from .. import directives
 from ..server import Worker
 from .authservice import AuthService, plain_secret
 from .demo_backends import start_backends
@@ -52,19 +50,6 @@ USERS = {"alice": "wonderland", "bob": "builder"}
 TOKENS = {"alice": "demo-token-alice"}     # bearer tokens for XOAUTH2/OAUTHBEARER logins
 OAUTH_USER, OAUTH_PASSWORD = "carol", "meadow"     # her backend takes OAuth 2.0 tokens only
 FAILOVER_USER, FAILOVER_PASSWORD = "dave", "diver"  # his first IMAP backend is stopped
-# Issue 18 directives the demo turns on when this build has them (the work
-# merges branch by branch): the line in mail {}, what the banner says of it,
-# and a command to try.
-BEYOND = {
-    "proxy_backend_tries": (
-        "proxy_backend_tries 2;",
-        "  failover      dave/diver: IMAP backends 127.0.0.1:{b_stopped} (stopped), "
-        "then 127.0.0.1:{b_imap}\n",
-        "  curl 'imap://dave:diver@127.0.0.1:{imap}/INBOX;UID=1'\n"),
-    "proxy_client_address": (
-        "proxy_client_address on;",
-        "  client address  the IMAP backends learn it with ID (proxy_client_address on)\n",
-        "  curl 'imap://alice:wonderland@127.0.0.1:{imap}/' -X 'ID NIL'\n")}
 PREFERRED_PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587, "auth": 9000}
 SHOWN = ("session done:",)     # the summary line: one per session, whatever its end
 
@@ -76,7 +61,8 @@ mail {{
     server_name demo.test;
     auth_http 127.0.0.1:{auth}/auth;
     timeout 5m;
-    {beyond}
+    proxy_backend_tries 2;             # dave's first IMAP backend is stopped
+    proxy_client_address on;           # the IMAP backends learn it with ID
     starttls on;                       # with a throwaway certificate
     ssl_certificate {cert};
     ssl_certificate_key {key};
@@ -102,7 +88,9 @@ mailproxy demo: a proxy, an auth service and in-memory mail backends on 127.0.0.
   OAuth bridge  carol/meadow logs in with a password; the proxy logs in with an
                 access token (XOAUTH2) to the OAuth-only IMAP backend 127.0.0.1:{b_oauth},
                 the auth service gets it from the token endpoint {token_url}
-{beyond_shown}  configuration {conf}
+  failover      dave/diver: IMAP backends 127.0.0.1:{b_stopped} (stopped), then 127.0.0.1:{b_imap}
+  client address  the IMAP backends learn it with ID (proxy_client_address on)
+  configuration {conf}
   STARTTLS on all three, certificate {cert} (throwaway)
 
 Try, in another terminal:
@@ -113,7 +101,8 @@ Try, in another terminal:
   curl --ssl-reqd --cacert {cert} 'imap://alice:wonderland@localhost:{imap}/INBOX;UID=2'
   curl --oauth2-bearer demo-token-alice 'imap://alice@127.0.0.1:{imap}/INBOX;UID=1'
   curl 'imap://carol:meadow@127.0.0.1:{imap}/INBOX;UID=1'
-{beyond_try}
+  curl 'imap://dave:diver@127.0.0.1:{imap}/INBOX;UID=1'
+  curl 'imap://alice:wonderland@127.0.0.1:{imap}/' -X 'ID NIL'
 Ctrl-C stops everything.
 """
 
@@ -140,8 +129,7 @@ def run(echo=print, install_signals=True, ready=None):
         conf = os.path.join(workdir, "mail.conf")
         cert, key = throwaway_certificate(workdir)
         with open(conf, "w") as file:
-            file.write(CONFIG.format(cert=cert, key=key,
-                                     beyond=" ".join(line[0] for line in _beyond()), **ports))
+            file.write(CONFIG.format(cert=cert, key=key, **ports))
         worker = Worker(configmod.load(conf, prefix=workdir))
         worker.open()
         _one_line_per_session(worker)
@@ -150,10 +138,7 @@ def run(echo=print, install_signals=True, ready=None):
         shown = dict(b_imap=backends.imap_port, b_pop3=backends.pop3_port,
                      b_smtp=backends.smtp_port, b_oauth=provider.imap_port,
                      token_url=provider.token_url, b_stopped=stopped, **ports)
-        beyond_shown, beyond_try = ("".join(line[i] for line in _beyond()).format(**shown)
-                                    for i in (1, 2))
-        echo(BANNER.format(conf=conf, cert=cert, beyond_shown=beyond_shown,
-                           beyond_try=beyond_try, **shown))
+        echo(BANNER.format(conf=conf, cert=cert, **shown))
         if ready:
             ready(ports, worker)
         return worker.serve()
@@ -188,12 +173,6 @@ def _start_auth_service(workdir, backends, provider, refresh_token, stopped):
     threading.Thread(target=service.serve_forever, name="demo auth service",
                      daemon=True).start()
     return service
-
-
-def _beyond():
-    """The BEYOND entries whose directive this build knows; the others are
-    left out, not guessed."""
-    return [entry for name, entry in BEYOND.items() if name in directives.TABLE]
 
 
 def throwaway_certificate(workdir):
