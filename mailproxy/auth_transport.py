@@ -30,7 +30,8 @@ operation, which a service trickling its headers a byte at a time never
 hits.  So `AuthConnection.request()` arms its socket with the deadline
 (now + auth_http_timeout) when each request starts, and before each
 blocking call (connect, sendall, recv_into) `DeadlineSocket` sets the
-socket timeout to what is left, or raises TimeoutError when nothing is.
+socket timeout to what is left (lazily, as stream.py does), or raises
+TimeoutError when nothing is.
 recv_into is what `socket.makefile()`'s reader calls, and http.client
 reads the reply through it (ssl.SSLSocket, the standard library's own
 socket.socket subclass, overrides the same methods and is read through
@@ -62,6 +63,8 @@ from urllib3 import HTTPConnectionPool
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import Retry
+
+from .stream import lazy_settimeout
 
 POOL_SIZE = 64              # idle keep-alive connections kept per server
 TIMED_OUT = "timed out"
@@ -102,7 +105,7 @@ class IncompleteHeaders(http.client.HTTPException):
 class DeadlineSocket(socket.socket):
     """A socket whose blocking calls all end at one deadline (`arm()`),
     instead of each waiting a full timeout: before each call it sets the
-    socket timeout to the time left, and past the deadline it raises
+    socket timeout to the time left (give or take stream.LAZY_TIMER), and past the deadline it raises
     TimeoutError at once.  `ended` says a read has met the peer's close
     since the socket was armed."""
 
@@ -142,15 +145,15 @@ class DeadlineSocket(socket.socket):
         return left
 
     def connect(self, address):
-        self.settimeout(self.time_left())
+        lazy_settimeout(self, self.time_left())
         super().connect(address)
 
     def sendall(self, data, flags=0):
-        self.settimeout(self.time_left())
+        lazy_settimeout(self, self.time_left())
         super().sendall(data, flags)
 
     def recv_into(self, buffer, nbytes=0, flags=0):
-        self.settimeout(self.time_left())
+        lazy_settimeout(self, self.time_left())
         count = super().recv_into(buffer, nbytes, flags)
         if count == 0:
             self.ended = True

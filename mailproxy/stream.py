@@ -7,7 +7,10 @@ whole phase (nginx's `timeout` covers the entire pre-login dialogue, not
 each command), so before each read or write the socket's timeout is set to
 what is left of it (`settimeout()`), and the socket call itself waits.  A
 call that runs out of time raises TimeoutError; the session catches it in
-one place.
+one place.  As with nginx's timers, a timeout that ends less than
+LAZY_TIMER past the deadline is not set again (`lazy_settimeout()`):
+settimeout() is a system call that lets go of the GIL, and a login made a
+dozen of them.
 
 The socket may be a plain socket or a tls.TlsChannel: both are blocking
 with a timeout, and this module does not ask which one it holds.
@@ -23,6 +26,8 @@ import time
 
 CHUNK = 4096            # one recv(); commands are short, literals arrive in pieces
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)     # the peer closed; Linux's value
+LAZY_TIMER = 0.3        # nginx's NGX_TIMER_LAZY_DELAY: a timer that would fire within
+                        # 300 ms of the one wanted is not re-armed (ours: only later)
 WAIT_STEP = 3600        # longest single poll() of a wait: an Auth-Wait of 10**11
                         # seconds would overflow poll()'s timeout, so it is waited in steps
 
@@ -64,7 +69,7 @@ class Stream:
         return left
 
     def _fill(self):
-        self.sock.settimeout(self._left())
+        lazy_settimeout(self.sock, self._left())
         self._receive(CHUNK)
 
     def _receive(self, size):
@@ -102,7 +107,7 @@ class Stream:
         return data
 
     def write(self, data):
-        self.sock.settimeout(self._left())
+        lazy_settimeout(self.sock, self._left())
         try:
             self.sock.sendall(data)
         except ConnectionError:
@@ -166,6 +171,18 @@ class Stream:
         except ConnectionError:
             raise Closed() from None
         return True
+
+
+def lazy_settimeout(sock, seconds):
+    """Let the socket's next call wait `seconds` (None: for ever).  A
+    timeout already set that ends that wait less than LAZY_TIMER later is
+    left as it is: never earlier, as a wait must not end before its time."""
+    current = sock.gettimeout()
+    if current == seconds:
+        return
+    if current is not None and seconds is not None and 0 < current - seconds < LAZY_TIMER:
+        return
+    sock.settimeout(seconds)
 
 
 def _readable(sock, seconds):
