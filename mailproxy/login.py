@@ -238,8 +238,10 @@ def open_backend(session, server, port):
     the `timeout` deadline.  The socket is the session's before connect()
     starts, so a fast stop can cut a connect in progress."""
     sock = session.backend_socket = backend.new_socket(server)
-    header = proxy_protocol.outgoing(session.config.proxy_protocol, session.client_address,
-                                     session.request.getsockname())
+    mode, header = session.config.proxy_protocol, b""
+    if mode != "off":       # the address the client connected to is a system call away
+        header = proxy_protocol.outgoing(mode, session.client_address,
+                                         session.request.getsockname())
     try:
         stream = backend.connect(sock, server, port, session.config.timeout,
                                  session.service.backend_tls, header)
