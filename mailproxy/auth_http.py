@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import requests
 from urllib3 import HTTPHeaderDict
-from urllib3.util import SKIP_HEADER
+from urllib3.util import SKIP_HEADER, Timeout
 
 from .addresses import UNIX_PREFIX, AuthHttp
 from .auth_transport import TIMED_OUT, AuthAdapter, AuthPool
@@ -132,9 +132,14 @@ class AuthClient:
         # proxies from the environment, redirects), and its per-request
         # bookkeeping was a sixth of an auth request's CPU.
         self.adapter = AuthAdapter(pool)
-        # Every request is this one with its own headers, so it is prepared
-        # once: parsing the URL again for each login cost CPU too.
-        self.template = requests.Request("GET", target).prepare()
+        # What is the same in every request is made once: the URL as
+        # requests prepares it, the headers after the per-login ones, and
+        # requests' timeouts.
+        self.target = requests.Request("GET", target).prepare().url
+        self.wire_tail = tuple((name, value.encode().decode("latin-1"))
+                               for name, value in self.extra_headers) + \
+            (("Accept-Encoding", SKIP_HEADER), ("User-Agent", SKIP_HEADER))
+        self.timeouts = Timeout(connect=timeout, read=timeout)
 
     def headers_for(self, request):
         """The request headers in nginx's order (spec 2.2); mailproxy's own
@@ -168,9 +173,7 @@ class AuthClient:
         headers = HTTPHeaderDict()
         for name, value in self.headers_for(request)[:-len(self.extra_headers) or None]:
             headers.add(name, value)
-        headers.update((name, value.encode().decode("latin-1"))
-                       for name, value in self.extra_headers)
-        headers.update({"Accept-Encoding": SKIP_HEADER, "User-Agent": SKIP_HEADER})
+        headers.update(self.wire_tail)
         return headers
 
     def ask(self, request):
@@ -179,7 +182,8 @@ class AuthClient:
         _finish(); the status, a redirect's too, is ignored, as nginx does.
         requests' own timeout (per socket operation) is never the one that
         ends a request: the connection's deadline comes first."""
-        prepared = self.template.copy()
+        prepared = requests.PreparedRequest()
+        prepared.method, prepared.url = "GET", self.target
         headers = self.wire_headers(request)
         try:
             # requests checks each name and value; as bytes, since its check
@@ -187,8 +191,7 @@ class AuthClient:
             prepared.prepare_headers({name: value.encode("latin-1")
                                       for name, value in headers.items()})
             prepared.headers = headers          # and this goes out, repeated names kept
-            response = self.adapter.send(prepared, stream=True,
-                                         timeout=(self.timeout, self.timeout))
+            response = self.adapter.send(prepared, stream=True, timeout=self.timeouts)
         except requests.RequestException as exc:
             raise AuthServiceError(self.failure(exc)) from None
         try:
