@@ -54,6 +54,7 @@ import fakes
 from fakes import ScriptedAuthService, ScriptedBackend, Trickle
 from harness import RunningProxy, free_port, wait_until
 from mailproxy import imap
+from mailproxy.stream import LAZY_TIMER, lazy_settimeout
 from test_faults import (BACKEND_LOGIN, CLIENTS, CRASH_MARKS, INTERNAL, SUCCESS, Conn,
                          Unexpected, fds, session_threads)
 from test_tls_channel import BioClient
@@ -588,3 +589,16 @@ def test_every_phase_dripped_ends_at_its_deadline_with_its_line(drips):
     assert results.secrets == []
     assert results.leaked_threads == 0, session_threads()
     assert results.leaked_fds == 0
+
+
+@pytest.mark.parametrize("before, wanted, after", [
+    (None, None, None), (None, 5.0, 5.0), (5.0, None, None),
+    (5.0, 5.0 - LAZY_TIMER / 2, 5.0),      # a wait ends less than LAZY_TIMER late: kept
+    (5.0, 5.0 - LAZY_TIMER * 2, 5.0 - LAZY_TIMER * 2),     # later than that: set
+    (5.0, 5.1, 5.1)])               # the one set would end a wait early: set
+def test_a_socket_timeout_is_set_again_only_when_it_would_end_a_wait_early_or_too_late(
+        before, wanted, after):
+    with socket.socket() as sock:
+        sock.settimeout(before)
+        lazy_settimeout(sock, wanted)
+        assert sock.gettimeout() == after
