@@ -105,8 +105,8 @@ class IncompleteHeaders(http.client.HTTPException):
 class DeadlineSocket(socket.socket):
     """A socket whose blocking calls all end at one deadline (`arm()`),
     instead of each waiting a full timeout: before each call it sets the
-    socket timeout to the time left (give or take stream.LAZY_TIMER), and past the deadline it raises
-    TimeoutError at once.  `ended` says a read has met the peer's close
+    socket timeout to the time left (lazily: stream.lazy_settimeout), and
+    past the deadline it raises TimeoutError at once.  `ended` says a read has met the peer's close
     since the socket was armed."""
 
     @classmethod
