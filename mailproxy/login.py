@@ -93,7 +93,7 @@ def ask_once(session, request):
     session.log.debug("auth http request sent: %s, attempt %d", request.method,
                       request.attempt)
     try:
-        reply = session.service.auth.ask(request)
+        reply = session.service.auth.ask(request, watch=session.request)
     except AuthServiceError:
         session.meter.auth(session.protocol, metrics.ERROR, time.monotonic() - started)
         raise
@@ -196,6 +196,7 @@ def open_backend(session, server, port):
         session.meter.backend_error(session.protocol)
         raise
     session.log.debug("upstream connected")
+    stream.watch = session.request      # the client's close ends the login (stream.py)
     if session.tracer:
         stream = session.tracer.backend_stream(stream)
     return stream

@@ -42,7 +42,7 @@ from .backend import BackendError
 from .log import LogContext, SessionLog, hostport, printable, session_summary
 from .ops import metrics, proxy_protocol, trace
 from .sasl import EXCHANGES, make_salt
-from .stream import Closed, Stream, TooLong
+from .stream import ClientGone, Closed, Stream, TooLong
 from .tls import TlsChannel
 from .tls_certs import certificate_headers
 from .tls_context import verify_outcome
@@ -157,7 +157,7 @@ class Session(socketserver.BaseRequestHandler):
         try:
             self.run()
             self.ended("invalid")   # unnamed: a broken PROXY header, an early talker
-        except Closed:
+        except (Closed, ClientGone):
             self.ended("client")
             self.log.info("client closed connection")
         except TimeoutError:
