@@ -24,7 +24,10 @@ Deadlines (SECURITY.md, "Deadlines, phase by phase"): the client has none
 while the auth service is asked (`auth_http_timeout` per request), during
 an Auth-Wait (the wait itself) and while the backend logs in (`timeout`
 from the connect); each write to the client afterwards, and the next try
-after an Auth-Wait, has a fresh `timeout`.
+after an Auth-Wait, has a fresh `timeout`.  During all three waits the
+client's close ends the session at once: the auth request and the backend
+Stream are given the client's raw socket to watch (stream.ClientGone),
+and Auth-Wait watches it itself (Stream.wait).
 """
 
 import functools

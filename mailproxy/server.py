@@ -45,8 +45,8 @@ POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
 ACCEPT_PAUSE = 0.5          # seconds a listener stops accepting when out of fds
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 STOP_GRACE = 0.5            # a fast stop waits this long for the cut sessions to log
-                            # their end; one still waiting on the auth service (its
-                            # own timeout) ends with the process
+                            # their end; one still connecting to the auth service
+                            # (its own timeout) ends with the process
 
 
 class Service:

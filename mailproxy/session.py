@@ -280,7 +280,8 @@ class Session(socketserver.BaseRequestHandler):
     def abort(self):
         """Called from another thread (fast stop): end this session now.
         Shutting the sockets down wakes any read, write or connect in
-        progress; a request to the auth service ends by its own timeout."""
+        progress; a request to the auth service, which watches the client
+        socket, sees it closed (stream.ClientGone)."""
         self.stopped = True
         for sock in (self.request, self.backend_socket):
             if sock is not None:
