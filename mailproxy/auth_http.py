@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import requests
+from urllib3 import HTTPHeaderDict
 from urllib3.util import SKIP_HEADER
 
 from .addresses import UNIX_PREFIX, AuthHttp
@@ -42,7 +43,10 @@ class AuthServiceError(Exception):
 @dataclass(frozen=True)
 class AuthRequest:
     """One question to the auth service; `extra` holds protocol-specific
-    (name, value) headers such as SMTP's Client-Host, in order."""
+    (name, value) headers such as SMTP's Client-Host, in order.  Beyond
+    nginx: the client's port and the address it connected to (None when
+    unknown: a unix-domain socket), and the backends that could not be
+    reached for this login so far ("addr:port", proxy_backend_tries)."""
     method: str
     login: bytes
     password: bytes
@@ -51,6 +55,10 @@ class AuthRequest:
     attempt: int
     client_ip: str
     extra: tuple = ()
+    client_port: int = None
+    server_ip: str = None
+    server_port: int = None
+    failed_backends: tuple = ()
 
     def __repr__(self):
         return f"AuthRequest({self.method}, login={self.login!r}, attempt={self.attempt})"
@@ -126,7 +134,9 @@ class AuthClient:
         self.template = self.http.prepare_request(requests.Request("GET", target))
 
     def headers_for(self, request):
-        """The request headers in nginx's order (spec 2.2)."""
+        """The request headers in nginx's order (spec 2.2); mailproxy's own
+        (Client-Port, Server-IP, Server-Port, Auth-Backend-Failed) follow
+        nginx's, and the `auth_http_header` ones come last."""
         headers = [("Host", self.host),
                    ("Auth-Method", request.method),
                    ("Auth-User", escape(request.login)),
@@ -137,16 +147,26 @@ class AuthClient:
                     ("Auth-Login-Attempt", str(request.attempt)),
                     ("Client-IP", request.client_ip)]
         headers += list(request.extra)
+        if request.client_port is not None:
+            headers.append(("Client-Port", str(request.client_port)))
+        if request.server_ip is not None:
+            headers += [("Server-IP", request.server_ip),
+                        ("Server-Port", str(request.server_port))]
+        headers += [("Auth-Backend-Failed", failed) for failed in request.failed_backends]
         headers += list(self.extra_headers)
         return headers
 
     def wire_headers(self, request):
-        """headers_for() as requests must get them: bytes values (so logins
-        pass byte for byte), and urllib3's own Accept-Encoding and
-        User-Agent suppressed so nothing comes before Host."""
-        headers = {name: value.encode("latin-1") for name, value in
-                   self.headers_for(request)[:-len(self.extra_headers) or None]}
-        headers.update((name, value.encode()) for name, value in self.extra_headers)
+        """headers_for() as they go out: an HTTPHeaderDict, where a name may
+        repeat (Auth-Backend-Failed), of str values that http.client sends
+        as latin-1, so each is the bytes meant (a login's one-to-one, an
+        `auth_http_header` value in UTF-8); urllib3's own Accept-Encoding
+        and User-Agent are suppressed so nothing comes before Host."""
+        headers = HTTPHeaderDict()
+        for name, value in self.headers_for(request)[:-len(self.extra_headers) or None]:
+            headers.add(name, value)
+        headers.update((name, value.encode().decode("latin-1"))
+                       for name, value in self.extra_headers)
         headers.update({"Accept-Encoding": SKIP_HEADER, "User-Agent": SKIP_HEADER})
         return headers
 
@@ -161,8 +181,13 @@ class AuthClient:
         the client closes (auth_transport.py); the body that follows them
         is read unwatched."""
         prepared = self.template.copy()
+        headers = self.wire_headers(request)
         try:
-            prepared.prepare_headers(self.wire_headers(request))
+            # requests checks each name and value; as bytes, since its check
+            # of a str takes a leading \xa0 (a login's byte) for a space.
+            prepared.prepare_headers({name: value.encode("latin-1")
+                                      for name, value in headers.items()})
+            prepared.headers = headers          # and this goes out, repeated names kept
             with watching(watch):
                 response = self.http.send(prepared, timeout=(self.timeout, self.timeout),
                                           stream=True, allow_redirects=False)

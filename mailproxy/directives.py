@@ -372,6 +372,9 @@ _ROWS = [
     Directive("proxy_ssl_pin", M_S, (1, 1), pin, repeat=True),
     # beyond nginx: redacted protocol traces (ops/trace.py)
     Directive("trace", M_S, (1, None), trace, ["off"]),
+    # beyond nginx: the backend learns the client's address; failover
+    Directive("proxy_client_address", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_backend_tries", M_S, (1, 1), single(parse_positive), ["1"]),
 ]
 
 TABLE = {row.name: row for row in _ROWS}

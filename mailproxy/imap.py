@@ -210,9 +210,10 @@ class ImapSession(Session):
     def sasl_syntax_reply(self):
         return _tagged(self.tag, INVALID)
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
         return backend.imap_login(stream, self.tag, login, password,
-                                  self.config.proxy_buffer, self.set_step, starttls)
+                                  self.config.proxy_buffer, self.set_step, starttls,
+                                  origin, self.log)
 
 
 def _capability(items):

@@ -13,6 +13,10 @@ share:
       -> admitted: connect to the backend it named, replay the login there
          (the protocol's `backend_login` hook), forward the backend's final
          reply, then relay bytes both ways until one side closes.
+      -> the backend cannot be reached (no connection, no greeting) and
+         `proxy_backend_tries` allows another: ask the auth service again,
+         naming the backends that failed (Auth-Backend-Failed), and try
+         the one it names.  The client only waits.
 
 What it uses of the session: its config and service (auth client, TLS to
 backends), its client Stream and log, the protocol hooks
@@ -23,19 +27,21 @@ and the fields the logs and the status page show.
 Deadlines (SECURITY.md, "Deadlines, phase by phase"): the client has none
 while the auth service is asked (`auth_http_timeout` per request), during
 an Auth-Wait (the wait itself) and while the backend logs in (`timeout`
-from the connect); each write to the client afterwards, and the next try
-after an Auth-Wait, has a fresh `timeout`.  During all three waits the
-client's close ends the session at once: the auth request and the backend
-Stream are given the client's raw socket to watch (stream.ClientGone),
-and Auth-Wait watches it itself (Stream.wait).
+from the connect, afresh for each backend that proxy_backend_tries
+tries); each write to the client afterwards, and the next try after an
+Auth-Wait, has a fresh `timeout`.  During all three waits the client's
+close ends the session at once: the auth request and the backend Stream
+are given the client's raw socket to watch (stream.ClientGone), and
+Auth-Wait watches it itself (Stream.wait).
 """
 
+import dataclasses
 import functools
 import time
 
 from . import backend, sasl
 from .auth_http import AuthRequest, AuthServiceError
-from .backend import BackendError
+from .backend import BackendError, Origin
 from .log import hostport
 from .ops import metrics, proxy_protocol
 from .ops.splice import relay_class
@@ -56,28 +62,62 @@ def log_in(session, credentials):
     session.set_step("in http auth state")
     session.enter(metrics.AUTH_SERVICE)
     session.client.set_deadline(None)
-    reply = session.auth_reply = ask_auth_service(session, credentials)
-    if not reply.ok:
-        refused(session, reply, credentials)
+    request = auth_request(session, credentials)
+    reply = session.auth_reply = ask_auth_service(session, request)
+    failed = []             # "addr:port" of each backend that could not be reached
+    while reply.ok:
+        try:
+            stream = connect_backend(session, credentials, reply)
+        except backend.Unreachable as exc:
+            failed.append(hostport(reply.server, reply.port))
+            reply = session.auth_reply = another_backend(session, request, failed, exc)
+            continue
+        if stream is not None:
+            relay(session)
         return
-    stream = connect_backend(session, credentials, reply)
-    if stream is not None:
-        relay(session)
+    refused(session, reply, credentials)
 
 
 def auth_request(session, credentials):
-    """The question for the auth service (spec 2.2)."""
+    """The question for the auth service (spec 2.2, and beyond nginx the
+    client's port and the address it connected to)."""
     extra = proxy_protocol.auth_headers(session.proxy_header, session.auth_extra_headers())
+    client_port = session.client_address[1] if session.client_address else None
+    server_ip, server_port = session.server_address or (None, None)
     return AuthRequest(method=credentials.method, login=credentials.login,
                        password=credentials.password, salt=credentials.salt,
                        protocol=session.protocol, attempt=session.attempt,
-                       client_ip=session.client_text, extra=extra + session.tls_headers())
+                       client_ip=session.client_text, extra=extra + session.tls_headers(),
+                       client_port=client_port, server_ip=server_ip, server_port=server_port)
 
 
-def ask_auth_service(session, credentials):
+def another_backend(session, request, failed, exc):
+    """proxy_backend_tries: after `failed` backends could not be reached
+    (the last one with `exc`), the auth service's answer for the same
+    login (same Auth-Login-Attempt), told which ones failed.  Raises when
+    the tries are spent: the client gets the internal-error line."""
+    tries = session.config.proxy_backend_tries
+    if tries == 1:
+        raise exc                               # nginx: no second try
+    session.log.warning("%s, backend %d of %d", exc, len(failed), tries)
+    close_backend(session)
+    if len(failed) >= tries:
+        raise BackendError(f"no backend could be reached in {tries} tries") from None
+    session.set_step("in http auth state")
+    session.enter(metrics.AUTH_SERVICE)
+    return ask_auth_service(session, dataclasses.replace(request, failed_backends=tuple(failed)))
+
+
+def close_backend(session):
+    """Let go of a backend that failed before the next one is tried."""
+    session.backend_socket.close()
+    session.backend = session.backend_socket = None
+    session.context.upstream = None
+
+
+def ask_auth_service(session, request):
     """The auth service's answer, asking again (same attempt number) while
     it says WAIT, at most MAX_WAIT_RETRIES times."""
-    request = auth_request(session, credentials)
     reply = ask_once(session, request)
     for _ in range(MAX_WAIT_RETRIES):
         if not reply.retry:
@@ -177,12 +217,23 @@ def connect_backend(session, credentials, reply):
     elif not tls:
         session.service.warn_clear_text(reply.server, session.log)
     try:
-        final = session.backend_login(stream, login, password, starttls)
+        final = session.backend_login(stream, login, password, starttls, client_origin(session))
     except BackendError as exc:
         return backend_failed(session, exc)
     session.client.set_deadline(session.config.timeout)    # a client that stops reading
     session.send(final + stream.take_buffer())
     return stream
+
+
+def client_origin(session):
+    """What `proxy_client_address on` tells an IMAP or POP3 backend; None
+    when off, or when the client has no IP address (a unix-domain socket
+    without a PROXY header)."""
+    if not session.config.proxy_client_address or not session.client_address:
+        return None
+    server_ip, server_port = session.server_address or (None, None)
+    return Origin(session.client_address[0], session.client_address[1],
+                  server_ip, server_port, session.context.conn)
 
 
 def open_backend(session, server, port):
@@ -206,8 +257,11 @@ def open_backend(session, server, port):
 
 
 def backend_failed(session, exc):
-    """proxy_pass_error_message: show the backend's refusal verbatim."""
-    if exc.reply and session.config.proxy_pass_error_message:
+    """proxy_pass_error_message: show the backend's refusal verbatim (but
+    a backend that did not greet is passed over when proxy_backend_tries
+    allows another)."""
+    passed_over = isinstance(exc, backend.Unreachable) and session.config.proxy_backend_tries > 1
+    if exc.reply and session.config.proxy_pass_error_message and not passed_over:
         session.log.error("%s", exc)
         session.send_quietly(exc.reply)
         session.ended("backend")

@@ -164,6 +164,6 @@ class Pop3Session(Session):
         self.user = b""
         super().back_to_start()
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step, starttls)
+                                  self.set_step, starttls, origin, self.log)

@@ -123,6 +123,7 @@ class Session(socketserver.BaseRequestHandler):
         self.auth_reply = None
         self.salt = b""
         self.proxy_header = None        # what a PROXY header said (ops/proxy_protocol.py)
+        self.connected_to = None        # a trusted PROXY header's destination (server_address)
         client = self.client_address[0] if self.client_address else "unix:"
         self.meter = self.server.worker.meter      # the status page's counters
         self.context = LogContext(self.meter.connection(), client, self.listen.name)
@@ -304,6 +305,8 @@ class Session(socketserver.BaseRequestHandler):
                            header.source_port, header.destination, header.destination_port)
         self.set_step("in auth state")
         self.proxy_header = header
+        self.connected_to = proxy_protocol.real_server(header, self.client_address,
+                                                       self.config.set_real_ip_from)
         self.client_address = proxy_protocol.real_client(header, self.client_address,
                                                          self.config.set_real_ip_from)
         if self.client_address:
@@ -316,6 +319,17 @@ class Session(socketserver.BaseRequestHandler):
     def client_text(self):
         """The client's address as logs and the auth service see it."""
         return self.context.client
+
+    @property
+    def server_address(self):
+        """The (address, port) the client connected to, for the auth
+        service (Server-IP) and proxy_client_address: a trusted PROXY
+        header's destination, as Client-IP is its source; else the
+        listening socket's; None on a unix-domain listener."""
+        if self.connected_to:
+            return self.connected_to
+        local = self.request.getsockname()
+        return local[:2] if isinstance(local, tuple) else None
 
     def set_login(self, login):
         """The login the logs name (bytes; None: none yet)."""

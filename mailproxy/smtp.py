@@ -237,7 +237,9 @@ class SmtpSession(Session):
                         ("Auth-SMTP-To", self.rcpt_to.decode("latin-1"))]
         return tuple(headers)
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
+        """`origin` (proxy_client_address) is IMAP's and POP3's: an SMTP
+        backend learns the client's address from XCLIENT."""
         plan = backend.SmtpPlan(
             server_name=self.config.server_name.encode(),
             ehlo=self.esmtp or self.config.xclient,

@@ -187,6 +187,7 @@ class ScriptedAuthService:
     def close(self):
         """Stop serving, cut open connections, join every thread."""
         self._closing.set()
+        _wake(self._server.socket)        # serve_forever's wait ends now, not at ACCEPT_POLL
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(JOIN_TIMEOUT)
@@ -388,6 +389,7 @@ class ScriptedBackend:
     def close(self):
         """Stop accepting, cut open connections, join every thread."""
         self._closing.set()
+        _wake(self._listener)             # accept() fails now, not at ACCEPT_POLL
         self._acceptor.join(JOIN_TIMEOUT)
         self._listener.close()
         self._threads.close_all()
@@ -552,6 +554,15 @@ def _format_reply(version, status, headers, keep_alive):
     reply_version = 'HTTP/1.1' if version == 'HTTP/1.1' else 'HTTP/1.0'
     lines = [f'{reply_version} {status}'] + [f'{n}: {v}' for n, v in pairs]
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+
+
+def _wake(listener):
+    """Shut a listening socket down: on Linux a thread waiting in accept()
+    or select() on it wakes at once (accept fails with EINVAL)."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _wait_for(condition, timeout, what, result):

@@ -633,17 +633,19 @@ def test_a_single_process_serves_the_page_itself(tmp_path, peers):
 
 # ------------------------------------------------ one client cannot hold it
 
-def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers):
-    """Ten idle connections and one that drips a byte a second: a scrape
+def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers, monkeypatch):
+    """Ten idle connections and one that drips a byte every DRIP: a scrape
     is still answered at once (each connection has its own thread), and
     the dripping one is cut when REQUEST_TIMEOUT is used up in all, not
-    re-armed by every byte."""
+    re-armed by every byte.  REQUEST_TIMEOUT is 1.5 s here (5 s in the
+    product): the whole request takes 26 bytes, 6.5 s of drips."""
+    monkeypatch.setattr(status, "REQUEST_TIMEOUT", 1.5)
     auth, _ = peers
     proxy, port = start(tmp_path, auth)
     idlers = [socket.create_connection((LOOPBACK, port), timeout=10) for _ in range(10)]
     dripper = socket.create_connection((LOOPBACK, port), timeout=10)
     try:
-        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=2)    # < REQUEST_TIMEOUT
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=1)    # < REQUEST_TIMEOUT
         conn.request("GET", "/metrics")
         assert conn.getresponse().status == 200
         conn.close()
@@ -651,13 +653,16 @@ def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers):
             if readable(dripper):           # the server ended it (EOF reads)
                 break
             dripper.send(bytes([byte]))
-            time.sleep(1)
+            time.sleep(DRIP)
         assert dripper.recv(100) == b""     # cut, never answered
-        assert count <= status.REQUEST_TIMEOUT + 1
+        assert count <= status.REQUEST_TIMEOUT / DRIP + 1
     finally:
         for sock in idlers + [dripper]:
             sock.close()
         proxy.stop()
+
+
+DRIP = 0.25         # seconds between two bytes of the dripping client
 
 
 def readable(sock):

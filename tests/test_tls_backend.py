@@ -405,6 +405,49 @@ def test_smtp_proxy_starttls_sends_ehlo_and_xclient_inside_tls(start_proxy, auth
     assert secure[1].startswith(b"XCLIENT ") and secure[-1].startswith(b"MAIL FROM:")
 
 
+CLIENT_ADDRESS_AFTER_STARTTLS = {
+    "imap": [("send", b"* OK [CAPABILITY IMAP4rev1 ID STARTTLS] ready\r\n"),
+             ("expect", b"a STARTTLS\r\n"), ("send", b"a OK go\r\n"), ("tls",),
+             ("expect", b"a CAPABILITY\r\n"),
+             ("send", b"* CAPABILITY IMAP4rev1 ID\r\na OK done\r\n"),
+             ("line",), ("send", b"a OK ID completed\r\n"), *imap_login()],
+    "pop3": [("send", b"+OK [XCLIENT] ready\r\n"),
+             ("expect", b"STLS\r\n"), ("send", b"+OK go\r\n"), ("tls",),
+             ("expect", b"CAPA\r\n"), ("send", b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n"),
+             ("line",), ("send", b"+OK\r\n"),
+             ("expect", b"USER joe\r\n"), ("send", b"+OK\r\n"),
+             ("expect", b"PASS secret\r\n"), ("send", b"+OK Logged in\r\n")],
+}
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_proxy_client_address_asks_the_capabilities_again_inside_tls(
+        start_proxy, auth_service, backends, certs, protocol):
+    """RFC 3501 6.2.1, RFC 2595 4: what the greeting announced in clear
+    text is forgotten; CAPABILITY (CAPA) and then ID (XCLIENT) go inside TLS."""
+    backend = backends(CLIENT_ADDRESS_AFTER_STARTTLS[protocol], server_context(certs.rsa))
+    auth_service.reply = ok(backend.host, backend.port)
+    proxy = start_proxy([f"protocol {protocol}; proxy_starttls on;"], auth=auth_service.url,
+                        mail=verified(certs, "127.0.0.1") + "proxy_client_address on;")
+    with Peer.connect(proxy.port) as client:
+        client.line()
+        client.send(b"a LOGIN joe secret\r\n" if protocol == "imap"
+                    else b"USER joe\r\nPASS secret\r\n")
+        if protocol == "pop3":
+            assert client.line() == b"+OK\r\n"
+        assert client.line() in (b"a OK Logged in\r\n", b"+OK Logged in\r\n")
+        port = client.sock.getsockname()[1]
+    [record] = backend.wait()
+    assert record.error is None
+    told = next(line for inside, line in record.lines if inside and b"127.0.0.1" in line)
+    assert told.startswith(
+        b'a ID ("x-originating-ip" "127.0.0.1" "x-originating-port" "%d" "x-connected-ip" '
+        b'"127.0.0.1" "x-connected-port" "%d" "x-session-id" "' % (port, proxy.port)
+        if protocol == "imap" else b"XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=" % port)
+    assert [line for inside, line in record.lines if not inside] == \
+        [b"a STARTTLS\r\n" if protocol == "imap" else b"STLS\r\n"]
+
+
 def test_large_payloads_both_ways_at_once_over_backend_tls(start_proxy, auth_service,
                                                            backends, certs):
     """The relay's two threads share the backend's TLS connection too:
