@@ -58,13 +58,13 @@ class TooLong(Exception):
 
 class Stream:
     """A socket plus a read buffer, a byte limit per read, and a deadline.
-    With `watch` (a raw socket: the client's, for a Stream to the backend)
-    each read first waits with wait_readable(), so the watched socket's
-    close raises ClientGone."""
+    Once given a raw socket to `watch` (login.py gives a Stream to the
+    backend the client's), each read first waits with wait_readable(), so
+    the watched socket's close raises ClientGone."""
 
-    def __init__(self, sock, watch=None):
+    def __init__(self, sock):
         self.sock = sock
-        self.watch = watch
+        self.watch = None
         self.buffer = bytearray()
         self.deadline = None
         self.received = self.sent = 0   # bytes, for the session's summary line
