@@ -33,6 +33,10 @@ UNIX_HOST = "localhost"     # nginx's Host header for a unix: auth service
 NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])   # as nginx, none kept
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESCAPED = frozenset(range(0x21)) | {0x25, 0x7F}     # control bytes, space, "%" and DEL
+# Auth-Backend-Auth (beyond nginx): how the proxy logs in to the backend;
+# "none" is the protocol's own way (IMAP LOGIN, POP3 USER/PASS, SMTP no AUTH).
+BACKEND_AUTH = ("none", "plain", "login", "xoauth2", "oauthbearer")
+TOKEN_MECHANISMS = ("xoauth2", "oauthbearer")      # Auth-Pass must carry the token
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # in a reply's value: invalid (HTAB is not)
 
 
@@ -67,7 +71,8 @@ class AuthRequest:
 @dataclass(frozen=True)
 class AuthReply:
     """The auth service's answer.  `status` is "OK", "WAIT" or the error
-    text; `user`/`password` are the backend overrides (raw bytes or None)."""
+    text; `user`/`password` are the backend overrides (raw bytes or None);
+    `backend_auth` is Auth-Backend-Auth (a BACKEND_AUTH name, or None)."""
     status: str
     server: str = None
     port: int = None
@@ -75,6 +80,7 @@ class AuthReply:
     password: bytes = None
     wait: int = 0
     error_code: str = None
+    backend_auth: str = None
     headers: tuple = ()         # every (name, value) received, for protocol extensions
 
     @property
@@ -260,17 +266,22 @@ def parse_reply(headers):
     status = values.get("auth-status")
     if status is None:
         raise AuthServiceError("auth http server sent no Auth-Status")
-    server = port = None
+    server = port = backend_auth = None
     if status == "OK":
         server, port = values.get("auth-server"), values.get("auth-port")
         if server is None or port is None:
             raise AuthServiceError("auth http server did not send server or port")
         server, port = _server(server), _port(port)
+        backend_auth = _backend_auth(values.get("auth-backend-auth"))
+        if backend_auth in TOKEN_MECHANISMS and "auth-pass" not in values:
+            # the client's password is no token: never send it to a provider as one
+            raise AuthServiceError(f'auth http server sent "Auth-Backend-Auth: {backend_auth}" '
+                                   "without Auth-Pass")
     return AuthReply(
         status=status, server=server, port=port,
         user=_raw(values.get("auth-user")), password=_raw(values.get("auth-pass")),
         wait=_atoi(values.get("auth-wait", "")), error_code=values.get("auth-error-code"),
-        headers=tuple(headers))
+        backend_auth=backend_auth, headers=tuple(headers))
 
 
 def _server(text):
@@ -289,6 +300,14 @@ def _port(text):
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise AuthServiceError(f'auth http server sent invalid server port:"{text}"')
     return int(text)
+
+
+def _backend_auth(text):
+    if text is None:
+        return None
+    if text.lower() not in BACKEND_AUTH:
+        raise AuthServiceError(f'auth http server sent invalid Auth-Backend-Auth "{text}"')
+    return text.lower()
 
 
 def _raw(value):

@@ -24,7 +24,6 @@ x-originating-* fields when the backend announces ID, POP3's XCLIENT when
 it announces XCLIENT.  A backend that refuses it still gets the login.
 """
 
-import base64
 import contextlib
 import logging
 import re
@@ -32,7 +31,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from . import words
+from . import backend_sasl, words
 from .log import LEVELS
 from .stream import Closed, Stream, TooLong
 
@@ -185,13 +184,16 @@ def expect(line, prefix):
 # ------------------------------------------------------------------- IMAP
 
 def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None,
-               origin=None, log=None):
+               origin=None, log=None, sasl=None, address=("", 0)):
     """LOGIN with both values as literals, reusing the client's tag (spec
     4.2); returns the lines to forward to the client: the tagged OK, and the
     one untagged line nginx 1.27.3+ allows before it (e.g. a CAPABILITY from
     SmarterMail or Gmail).  `starttls` (beyond nginx, proxy_starttls)
     upgrades the connection first (RFC 3501 6.2.1); `origin` (beyond
     nginx, proxy_client_address) is sent in an ID command before LOGIN.
+    `sasl` (beyond nginx, Auth-Backend-Auth): AUTHENTICATE with that
+    mechanism instead of LOGIN (backend_sasl.py); `address` is the
+    backend's (host, port).
 
     nginx always sends synchronizing literals: three round trips.  When the
     greeting's CAPABILITY allows non-synchronizing ones (RFC 7888), as
@@ -210,6 +212,11 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
         # RFC 3501 6.2.1: capabilities seen before STARTTLS are forgotten.
         known = None if starttls else _greeting_capabilities(greeting)
         imap_id(stream, tag, origin, known, limit, step, log)
+    if sasl in backend_sasl.MECHANISMS:
+        step("sending authenticate to upstream")
+        dialect = backend_sasl.Imap(stream, tag, limit, sasl_ir=not starttls and
+                                    b"SASL-IR" in (_greeting_capabilities(greeting) or ()))
+        return backend_sasl.authenticate(dialect, sasl, login, password, address)
     send_login(stream, tag, login, password, limit, step,
                one_write=not starttls and _non_synchronizing(greeting, login, password))
     step("reading response from upstream")
@@ -313,14 +320,17 @@ def read_tagged(stream, tag, limit, untagged=3):
 # ------------------------------------------------------------------- POP3
 
 def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=None,
-               origin=None, log=None):
+               origin=None, log=None, sasl=None, address=("", 0)):
     """USER then PASS, whatever the client used (spec 4.3); returns the
     backend's final +OK line for the client.  `starttls`: STLS first
     (RFC 2595 4, beyond nginx); `origin`: XCLIENT before USER (beyond
-    nginx, proxy_client_address)."""
-    if b"\r" in login + password or b"\n" in login + password:
-        # Only SASL can carry them here; replayed, the rest of the line
-        # would run as a second command on the backend.
+    nginx, proxy_client_address).  `sasl` (beyond nginx, Auth-Backend-Auth):
+    AUTH with that mechanism instead of USER/PASS (backend_sasl.py);
+    `address` is the backend's (host, port)."""
+    if sasl not in backend_sasl.MECHANISMS and \
+            (b"\r" in login + password or b"\n" in login + password):
+        # Only SASL (base64) can carry them; replayed in USER or PASS, the
+        # rest of the line would run as a second command on the backend.
         raise BackendError("login or password holds CR or LF, which USER/PASS cannot carry")
     step("reading response from upstream")
     with reaching():
@@ -334,6 +344,10 @@ def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=
         # RFC 2595 4: what the backend said before STLS is forgotten.
         announced = not starttls and bool(_POP3_XCLIENT.match(greeting))
         pop3_xclient(stream, origin, announced, limit, step, log)
+    if sasl in backend_sasl.MECHANISMS:
+        step("sending auth to upstream")
+        return backend_sasl.authenticate(backend_sasl.Pop3(stream, limit), sasl, login,
+                                         password, address)
     step("sending user name to upstream")
     send(stream, b"USER " + login + b"\r\n")
     expect(read_reply(stream, limit), b"+OK")
@@ -388,7 +402,8 @@ class SmtpPlan:
     login: bytes
     password: bytes
     helo: tuple = None          # (verb, argument) the client sent, or None
-    auth: str = None            # "plain", "login" or None
+    auth: str = None            # a backend_sasl.MECHANISMS name, or None
+    backend: tuple = ("", 0)    # the backend's (host, port), which OAUTHBEARER names
     mail_from: bytes = b""      # MX mode: the client's MAIL and RCPT lines
     rcpt_to: bytes = b""
 
@@ -443,7 +458,8 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         if not plan.password:
             raise BackendError("no password available for upstream AUTH")
         step("sending auth to upstream")
-        reply = smtp_auth(command, plan)
+        reply = backend_sasl.authenticate(backend_sasl.Smtp(stream, limit), plan.auth,
+                                          plan.login, plan.password, plan.backend)
     if plan.rcpt_to:
         step("sending mail from to upstream")
         command(plan.mail_from, b"250")
@@ -451,16 +467,6 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         send(stream, plan.rcpt_to + b"\r\n")
         reply = read_smtp_reply(stream, limit)     # any reply: the client judges it
     return reply
-
-
-def smtp_auth(command, plan):
-    """AUTH PLAIN with no authzid (as nginx), or AUTH LOGIN (beyond nginx)."""
-    if plan.auth == "plain":
-        token = base64.b64encode(b"\0" + plan.login + b"\0" + plan.password)
-        return command(b"AUTH PLAIN " + token, b"235")
-    command(b"AUTH LOGIN", b"334")
-    command(base64.b64encode(plan.login), b"334")
-    return command(base64.b64encode(plan.password), b"235")
 
 
 def xclient_line(plan):
@@ -481,7 +487,7 @@ def xtext(value):
                     else bytes((byte,)) for byte in value)
 
 
-def _printable(line):
+def _printable(line, limit=200):
     """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
-    text = words.line_body(line)[:200].decode("utf-8", "backslashreplace")
+    text = words.line_body(line)[:limit].decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

@@ -211,9 +211,11 @@ class ImapSession(Session):
         return _tagged(self.tag, INVALID)
 
     def backend_login(self, stream, login, password, starttls=None, origin=None):
+        reply = self.auth_reply
         return backend.imap_login(stream, self.tag, login, password,
                                   self.config.proxy_buffer, self.set_step, starttls,
-                                  origin, self.log)
+                                  origin, self.log, sasl=reply.backend_auth,
+                                  address=(reply.server, reply.port))
 
 
 def _capability(items):

@@ -165,5 +165,7 @@ class Pop3Session(Session):
         super().back_to_start()
 
     def backend_login(self, stream, login, password, starttls=None, origin=None):
+        reply = self.auth_reply
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step, starttls, origin, self.log)
+                                  self.set_step, starttls, origin, self.log,
+                                  sasl=reply.backend_auth, address=(reply.server, reply.port))

@@ -13,7 +13,7 @@ Before the greeting the client's host name is looked up (ops/resolver.py) and,
 with `smtp_greeting_delay`, a client that talks first is turned away.
 """
 
-from . import backend, words
+from . import backend, backend_sasl, words
 from .auth_http import AuthServiceError
 from .ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
 from .sasl import GATED_METHODS, Credentials, SaslError
@@ -28,6 +28,7 @@ INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
 BAD_BASE64 = b"501 5.5.2 Cannot decode response\r\n"    # RFC 4954 4
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 AUTH_REQUIRED = b"530 5.7.1 Authentication required\r\n"
+STARTTLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 4
 TOO_MANY = b"554 5.7.0 Too many commands\r\n"     # past max_commands; the connection closes
 PIPELINING_REJECT = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
 OK = b"250 2.0.0 OK\r\n"
@@ -76,9 +77,9 @@ class SmtpSession(Session):
     NO_CERTIFICATE = NO_CERTIFICATE
     CERTIFICATE_ERROR = CERTIFICATE_ERROR
     SECRETS = SECRETS
-    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # not MAIL/RCPT in MX mode, as nginx
-    STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
-                        "VRFY", "EXPN", "HELP", "STARTTLS"}}
+    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # MX mode's MAIL/RCPT/DATA: mx_clear_text()
+    STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
+                        "QUIT", "VRFY", "EXPN", "HELP", "STARTTLS"}}
     prepare = Texts
     needs_backend_password = False      # XCLIENT needs none; AUTH to the backend checks
     helo_verb = b""                     # HELO or EHLO, as the client last said it
@@ -158,6 +159,7 @@ class SmtpSession(Session):
         return credentials
 
     def do_MAIL(self, command):
+        self.mx_clear_text()
         if not self.service.texts.mx_mode:
             self.log.info("client was rejected: authentication required")
             raise Rejected(AUTH_REQUIRED)
@@ -170,12 +172,28 @@ class SmtpSession(Session):
         self.send(OK)               # (CVE-2025-53859)
 
     def do_RCPT(self, command):
+        self.mx_clear_text()
         if not self.mail_from:
             raise Rejected(BAD_SEQUENCE)
         if not command.args:
             raise Rejected(INVALID_ARGUMENT)
         self.rcpt_to = command.line
         return Credentials("none", b"")
+
+    def do_DATA(self, command):
+        """DATA never comes before the relay: an invalid command (counted,
+        as any unknown verb in nginx), or with `starttls only` in MX mode
+        the request to start TLS first."""
+        self.mx_clear_text()
+        raise Rejected(INVALID, counted=True)
+
+    def mx_clear_text(self):
+        """`starttls only` in MX mode (beyond nginx, which accepts mail in
+        clear text there): MAIL, RCPT and DATA wait for STARTTLS (RFC 3207
+        4; `mailproxy -t` warns that a public MX must not require it)."""
+        if self.service.texts.mx_mode and self.tls_mode == "only":
+            self.log.info("client was rejected: STARTTLS required")
+            raise Rejected(STARTTLS_FIRST)
 
     def do_RSET(self, command):
         self.mail_from = self.rcpt_to = b""
@@ -247,20 +265,22 @@ class SmtpSession(Session):
             client_ip=self.client_text, client_host=self.host.encode(),
             login=login, password=password,
             helo=(self.helo_verb, self.helo) if self.helo_verb else None,
-            auth=self.backend_auth(),
+            auth=self.backend_auth(), backend=(self.auth_reply.server, self.auth_reply.port),
             mail_from=self.mail_from if self.rcpt_to else b"", rcpt_to=self.rcpt_to)
         reply = backend.smtp_login(stream, plan, self.config.proxy_buffer, self.set_step,
                                    starttls)
         return reply if self.rcpt_to else AUTH_OK
 
     def backend_auth(self):
-        """How to authenticate to the backend: "plain", "login" or None.
-        The auth service may choose per session (Auth-SMTP-Auth, beyond nginx)."""
-        choice = self.auth_reply.header("Auth-SMTP-Auth") if self.auth_reply else None
-        if choice is None:
-            choice = self.config.proxy_smtp_auth
+        """How to authenticate to the backend: a backend_sasl.MECHANISMS
+        name or None.  The auth service may choose per session (beyond
+        nginx): Auth-Backend-Auth, else the older Auth-SMTP-Auth, else
+        `proxy_smtp_auth` decides."""
+        reply = self.auth_reply
+        choice = reply.backend_auth or reply.header("Auth-SMTP-Auth") or \
+            self.config.proxy_smtp_auth
         choice = {"on": "plain", "off": None, "none": None}.get(choice.lower(), choice.lower())
-        if choice not in (None, "plain", "login"):
+        if choice is not None and choice not in backend_sasl.MECHANISMS:
             raise AuthServiceError(f'auth http server sent invalid Auth-SMTP-Auth "{choice}"')
         return choice
 

@@ -324,6 +324,11 @@ class ScriptedBackend:
     ``('expect', bytes)``    read a line (if the bytes end in LF) or as many
                              bytes as given, and stop with an error unless
                              they are equal;
+    ``('expect_tagged', bytes)``  read an IMAP command line whose tag the
+                             client chose (imaplib's are random): the rest
+                             of the line must equal the bytes, the tag is
+                             kept for ``send_tagged``;
+    ``('send_tagged', bytes)``  write the kept tag, a space and the bytes;
     ``('recv_line',)``       read one line;
     ``('recv', n)``          read exactly n bytes;
     ``('sleep', seconds)``   wait (cut short by close());
@@ -422,6 +427,7 @@ class _ScriptRun:
 
     def __init__(self, sock, reader, record, closing):
         self.sock, self.reader, self.record, self.closing = sock, reader, record, closing
+        self.tag = b'*'             # the last expect_tagged's
 
     def run(self, steps):
         try:
@@ -440,6 +446,16 @@ class _ScriptRun:
         if got != expected:
             self.record.error = f'expected {expected!r}, got {got!r}'
             return False
+
+    def step_expect_tagged(self, expected):
+        tag, _, rest = self._read_line().partition(b' ')
+        self.tag = tag
+        if rest != expected:
+            self.record.error = f'expected {expected!r} after a tag, got {rest!r}'
+            return False
+
+    def step_send_tagged(self, data):
+        self.sock.sendall(self.tag + b' ' + data)
 
     def step_recv_line(self):
         self._read_line()

@@ -108,6 +108,15 @@ def test_error_with_wait_and_error_code():
     assert (reply.status, reply.wait, reply.error_code) == ("Temporary problem", 3, "451 4.3.0")
 
 
+@pytest.mark.parametrize("headers, expected", [
+    (ok(), None), (ok(("Auth-Backend-Auth", "XOAuth2"), ("Auth-Pass", "ya29.t")), "xoauth2"),
+    (ok(("Auth-Backend-Auth", "oauthbearer"), ("Auth-Pass", "t")), "oauthbearer"),
+    (ok(("Auth-Backend-Auth", "plain")), "plain"), (ok(("Auth-Backend-Auth", "NONE")), "none"),
+    ([("Auth-Status", "No"), ("Auth-Backend-Auth", "bogus")], None)])   # read only with OK
+def test_auth_backend_auth(headers, expected):
+    assert parse_reply(headers).backend_auth == expected
+
+
 def test_wait_status():
     reply = parse_reply([("Auth-Status", "WAIT"), ("Auth-Wait", "2")])
     assert reply.retry and not reply.ok

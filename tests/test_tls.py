@@ -394,26 +394,6 @@ def test_starttls_only_blocks_smtp_auth_not_counted(shared_proxy, certs):
         assert peer.lines(4) == [smtp.INVALID] * 3 + [smtp.OK]
 
 
-def test_starttls_only_still_lets_an_mta_deliver_in_smtp_auth_none_mode(start_proxy,
-                                                                         auth_service, certs):
-    """spec 3.0 [live]: `starttls only` does not block MAIL/RCPT in MX mode."""
-    auth_service.reply = fail("Relay access denied", Auth_Error_Code="554 5.7.1")
-    proxy = start_proxy(["protocol smtp; smtp_auth none; starttls only;"],
-                        auth=auth_service.url, mail=certificate(certs))
-    with Peer.connect(proxy.port) as peer:
-        assert peer.line() == SMTP_GREETING
-        peer.send(b"EHLO mta.example\r\n")
-        assert reply(peer) == [b"250-mx.test\r\n", b"250 STARTTLS\r\n"]
-        peer.send(b"MAIL FROM:<a@example.org>\r\n")
-        assert peer.line() == smtp.OK
-        peer.send(b"RCPT TO:<c@example.org>\r\n")
-        assert peer.line() == b"554 5.7.1 Relay access denied\r\n"
-    [request] = auth_service.requests
-    assert request.header("Auth-Method") == "none"
-    assert request.header("Auth-SMTP-From") == "MAIL FROM:<a@example.org>"
-    assert ssl_headers(request) == []            # clear text: no Auth-SSL at all
-
-
 def test_smtp_forgets_helo_mail_and_rcpt_after_starttls(start_proxy, auth_service, certs):
     """RFC 3207 4.2, spec 3.0: after the handshake a RCPT needs a new MAIL,
     and the auth request shows no HELO name; Auth-SSL-* follow the

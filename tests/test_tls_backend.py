@@ -405,6 +405,35 @@ def test_smtp_proxy_starttls_sends_ehlo_and_xclient_inside_tls(start_proxy, auth
     assert secure[1].startswith(b"XCLIENT ") and secure[-1].startswith(b"MAIL FROM:")
 
 
+XOAUTH2_JOE = b64(b"user=joe@example.org\1auth=Bearer ya29.token\1\1")
+SASL_IR_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n"
+
+
+@pytest.mark.parametrize("mode, steps", [
+    ("proxy_ssl", [("tls",), ("send", SASL_IR_GREETING),
+                   ("expect", b"a AUTHENTICATE XOAUTH2 " + XOAUTH2_JOE + b"\r\n")]),
+    # RFC 3501 6.2.1: the SASL-IR seen before STARTTLS is not trusted after it
+    ("proxy_starttls", [("send", SASL_IR_GREETING), ("expect", b"a STARTTLS\r\n"),
+                        ("send", b"a OK begin TLS\r\n"), ("tls",),
+                        ("expect", b"a AUTHENTICATE XOAUTH2\r\n"), ("send", b"+ \r\n"),
+                        ("expect", XOAUTH2_JOE + b"\r\n")])])
+def test_the_oauth_bridge_sends_the_token_inside_tls(start_proxy, auth_service, backends, certs,
+                                                     mode, steps):
+    """Auth-Backend-Auth: xoauth2 over TLS, as Gmail and Office 365 require."""
+    backend = backends(steps + [("send", b"a OK Success\r\n")], server_context(certs.rsa))
+    auth_service.reply = ok(backend.host, backend.port, Auth_User="joe@example.org",
+                            Auth_Pass="ya29.token", Auth_Backend_Auth="xoauth2")
+    proxy = start_proxy([f"protocol imap; {mode} on;"], auth=auth_service.url,
+                        mail=verified(certs, "127.0.0.1"))
+    with Peer.connect(proxy.port) as client:
+        assert client.line() == imap.GREETING
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == b"a OK Success\r\n"
+    [record] = backend.wait()
+    assert record.error is None
+    assert [inside for inside, line in record.lines if XOAUTH2_JOE in line] == [True]
+
+
 CLIENT_ADDRESS_AFTER_STARTTLS = {
     "imap": [("send", b"* OK [CAPABILITY IMAP4rev1 ID STARTTLS] ready\r\n"),
              ("expect", b"a STARTTLS\r\n"), ("send", b"a OK go\r\n"), ("tls",),

@@ -138,8 +138,8 @@ SHOWN = [
     ("pop3", b"AUTH LOGIN\r\n" + b64(b"joe") + b"\r\n" + b64(b"pw") + b"\r\n",
      ["AUTH LOGIN", R, R]),
     ("pop3", b"AUTH CRAM-MD5\r\n" + b64(b"joe digest") + b"\r\n", ["AUTH CRAM-MD5", R]),
-    ("smtp", b"EHLO client.test\r\nMAIL FROM:<a@b>\r\nDATA\r\n",
-     ["EHLO client.test", "MAIL FROM:<a@b>", R]),
+    ("smtp", b"EHLO client.test\r\nMAIL FROM:<a@b>\r\nDATA\r\nSubject: x\r\n",
+     ["EHLO client.test", "MAIL FROM:<a@b>", "DATA", R]),      # a verb the proxy refuses
     ("smtp", b"AUTH\r\nAUTH PLAIN " + b64(b"\0joe\0pw") + b"\r\n", ["AUTH", f"AUTH PLAIN {R}"]),
     ("smtp", b"AUTH LOGIN " + b64(b"joe") + b"\r\n" + b64(b"pw") + b"\r\n",
      [f"AUTH LOGIN {R}", R]),
