@@ -1,0 +1,323 @@
+"""SNI: several server{} blocks on one address, picked by the client's TLS
+server name (names.py, hello.py).
+
+One proxy for the module: three IMAP blocks share an implicit-TLS address
+and a STARTTLS address (the default, an exact name, and wildcards), and two
+SMTP blocks do the same.  Real clients (Python's ssl, smtplib's wire
+through certs.Peer, `openssl s_client -servername`) check the certificate
+served (its subject CN) and what differs per block: capabilities, the
+SMTP greeting and EHLO name, the auth service asked.  Then a session
+resumed under one name is refused under another, and each mistake in
+sharing an address is a `-t` error naming file:line.
+"""
+
+import shutil
+import socket
+import ssl
+import subprocess
+import textwrap
+
+import pytest
+
+pytest.register_assert_rewrite("certs")
+import peers
+from certs import Peer, issue_named
+from fakes import ScriptedAuthService, fail
+from harness import RunningProxy, free_port
+from mailproxy import names, smtp
+from mailproxy.config import ConfigError, load
+from mailproxy.imap import GREETING
+
+pytest_plugins = ("certs",)
+
+OPENSSL = shutil.which("openssl")
+IO_TIMEOUT = 5
+CAPS = {"default": b"* CAPABILITY IMAP4rev1 X-DEFAULT AUTH=PLAIN\r\n",
+        "a": b"* CAPABILITY IMAP4rev1 X-A AUTH=PLAIN\r\n",
+        "b": b"* CAPABILITY IMAP4rev1 X-B AUTH=PLAIN\r\n"}
+CN = {"default": "default.test", "a": "imap.a.test", "b": "*.b.test"}
+# SNI name -> the block it picks (nginx's order: exact, leading, trailing wildcard)
+PICKS = [(None, "default"), ("unknown.test", "default"), ("imap.a.test", "a"),
+         ("IMAP.A.Test", "a"), ("x.b.test", "b"), ("deep.x.b.test", "b"), ("b.test", "b"),
+         ("mail.elsewhere", "b"), ("imap.b.test", "b")]
+
+
+def block(protocol, name, key, ports, extra):
+    return textwrap.dedent(f"""\
+        server {{
+            listen 127.0.0.1:{ports[0]} ssl;
+            listen 127.0.0.1:{ports[1]};
+            protocol {protocol};
+            starttls on;
+            server_name {name};
+            ssl_certificate {key.cert};
+            ssl_certificate_key {key.key};
+            {extra}
+        }}
+        """)
+
+
+@pytest.fixture(scope="module")
+def setup(certs, tmp_path_factory):
+    """(proxy, {"imap"/"smtp": (ssl port, starttls port)}, auth services)."""
+    folder = tmp_path_factory.mktemp("sni")
+    pairs = {kind: issue_named(certs, folder, CN[kind], [CN[kind]]) for kind in CN}
+    ports = {"imap": (free_port(), free_port()), "smtp": (free_port(), free_port())}
+    auths = {kind: ScriptedAuthService(fail(f"no from {kind}")) for kind in CN}
+    imap = [block("imap", CN[kind] + (" .b.test mail.*" if kind == "b" else ""),
+                  pairs[kind], ports["imap"],
+                  f"imap_capabilities IMAP4rev1 X-{kind.upper()}; auth_http {auths[kind].url};")
+            for kind in CN]
+    mx = [block("smtp", name, pairs["a" if "a." in name else "default"], ports["smtp"],
+                "smtp_auth none; auth_http 127.0.0.1:9/auth;")
+          for name in ("mx.default.test", "mx.a.test")]
+    conf = folder / "mail.conf"
+    conf.write_text(f"error_log {folder / 'error.log'} info;\nmail {{\n" +
+                    "".join(imap + mx) + "}\n")
+    proxy = RunningProxy.from_file(conf, folder / "error.log")
+    yield proxy, ports, auths
+    proxy.stop()
+    for auth in auths.values():
+        auth.close()
+
+
+def client_context(certs):
+    context = ssl.create_default_context(cafile=certs.ca.cert)
+    context.check_hostname = False      # the test checks the CN itself
+    return context
+
+
+def common_name(sock):
+    subject = dict(item[0] for item in sock.getpeercert()["subject"])
+    return subject["commonName"]
+
+
+def tls_connect(port, context, name, session=None):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    return context.wrap_socket(sock, server_hostname=name, session=session)
+
+
+def imap_capability(peer):
+    peer.send(b"a CAPABILITY\r\n")
+    return peer.lines(2)[0]
+
+
+# ------------------------------------------------------------ implicit TLS
+
+@pytest.mark.parametrize("name, kind", PICKS)
+def test_implicit_tls_name_picks_the_certificate_and_the_block(setup, certs, name, kind):
+    proxy, ports, _ = setup
+    with Peer(tls_connect(ports["imap"][0], client_context(certs), name)) as peer:
+        assert common_name(peer.sock) == CN[kind]
+        assert peer.line() == GREETING
+        assert imap_capability(peer) == CAPS[kind]
+
+
+@pytest.mark.parametrize("name, kind", [("imap.a.test", "a"), (None, "default"),
+                                        ("x.b.test", "b")])
+def test_the_picked_block_asks_its_own_auth_service(setup, certs, name, kind):
+    proxy, ports, auths = setup
+    with Peer(tls_connect(ports["imap"][0], client_context(certs), name)) as peer:
+        peer.line()
+        peer.send(b"a LOGIN joe secret\r\n")
+        assert peer.line() == f"a NO no from {kind}\r\n".encode()
+    assert auths[kind].requests[-1].header("Auth-User") == "joe"
+
+
+def test_openssl_s_client_servername_on_implicit_tls_smtp(setup, certs):
+    require_openssl()
+    proxy, ports, _ = setup
+    done = s_client(["-connect", f"127.0.0.1:{ports['smtp'][0]}", "-servername", "mx.a.test"],
+                    b"EHLO client.test\r\nQUIT\r\n", certs)
+    assert served(done) == CN["a"], done.stderr
+    assert b"220 mx.a.test ESMTP ready\r\n" in done.stdout
+    assert b"250 mx.a.test\r\n" in done.stdout
+
+
+# ---------------------------------------------------------------- STARTTLS
+
+@pytest.mark.parametrize("name, kind", [("imap.a.test", "a"), ("unknown.test", "default"),
+                                        ("x.b.test", "b")])
+def test_openssl_s_client_starttls_imap_name_picks_the_certificate(setup, certs, name, kind):
+    require_openssl()
+    proxy, ports, _ = setup
+    done = s_client(["-starttls", "imap", "-connect", f"127.0.0.1:{ports['imap'][1]}",
+                     "-servername", name], b"a CAPABILITY\r\na LOGOUT\r\n", certs)
+    assert served(done) == CN[kind], done.stderr
+    assert CAPS[kind] in done.stdout
+
+
+def test_starttls_imap_greets_as_the_first_block_then_serves_as_the_named_one(setup, certs):
+    proxy, ports, _ = setup
+    with Peer.connect(ports["imap"][1]) as peer:
+        assert peer.line() == GREETING
+        assert imap_capability(peer) == CAPS["default"].replace(b" AUTH=PLAIN",
+                                                                b" AUTH=PLAIN STARTTLS")
+        peer.send(b"a STARTTLS\r\n")
+        assert peer.line() == b"a OK completed\r\n"
+        peer.starttls(client_context(certs), hostname="imap.a.test")
+        assert common_name(peer.sock) == CN["a"]
+        assert imap_capability(peer) == CAPS["a"]
+
+
+@pytest.mark.parametrize("name, server", [("mx.a.test", b"mx.a.test"),
+                                          (None, b"mx.default.test")])
+def test_starttls_smtp_ehlo_after_tls_names_the_picked_block(setup, certs, name, server):
+    proxy, ports, _ = setup
+    with Peer.connect(ports["smtp"][1]) as peer:
+        assert peer.line() == b"220 mx.default.test ESMTP ready\r\n"
+        peer.send(b"EHLO client.test\r\n")
+        assert peer.lines(2) == [b"250-mx.default.test\r\n", b"250 STARTTLS\r\n"]
+        peer.send(b"STARTTLS\r\n")
+        assert peer.line() == smtp.START_TLS
+        peer.starttls(client_context(certs), hostname=name)
+        peer.send(b"EHLO client.test\r\n")
+        assert peer.line() == b"250 " + server + b"\r\n"
+
+
+# ---------------------------------------------------------- resumption
+
+@pytest.mark.parametrize("first, second", [("imap.a.test", "x.b.test"),
+                                           ("x.b.test", "imap.a.test"),
+                                           ("imap.a.test", None), (None, "imap.a.test")])
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_a_session_resumed_under_one_name_is_refused_under_another(setup, certs, first,
+                                                                    second, version):
+    proxy, ports, _ = setup
+    context = client_context(certs)
+    context.maximum_version = getattr(ssl.TLSVersion, version)
+    session = None
+    for _ in range(2):      # the second one shows the name's session resumes
+        with Peer(tls_connect(ports["imap"][0], context, first, session)) as peer:
+            assert peer.line() == GREETING      # a TLS 1.3 ticket comes with the greeting
+            resumed, session = peer.sock.session_reused, peer.sock.session
+    assert resumed
+    with Peer(tls_connect(ports["imap"][0], context, second, session)) as peer:
+        assert peer.line() == GREETING
+        assert not peer.sock.session_reused
+        assert common_name(peer.sock) == CN["a" if second == "imap.a.test" else
+                                            "b" if second else "default"]
+
+
+# ------------------------------------------------------------ -t errors
+
+def conf_error(tmp_path, certs, *servers):
+    """The ConfigError text of a configuration of `servers` (bodies, each
+    given a certificate), with each body's first line's number."""
+    lines = [f"mail {{ auth_http 127.0.0.1:9/auth; ssl_certificate {certs.rsa.cert}; "
+             f"ssl_certificate_key {certs.rsa.key};"]
+    starts = []
+    for body in servers:
+        lines.append("server {")
+        starts.append(len(lines) + 1)
+        lines += body
+        lines.append("}")
+    lines.append("}")
+    path = tmp_path / "mail.conf"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+    return str(caught.value), path, starts
+
+
+IMAPS = "listen 127.0.0.1:1993 ssl;"
+A = [IMAPS, "protocol imap;", "server_name a.test;"]
+
+
+# (the servers, the message, the culprit: (which server, its directive))
+@pytest.mark.parametrize("servers, message, culprit", [
+    ((A, [IMAPS, "protocol pop3;", "server_name b;"]),
+     'protocol "pop3" differs from "imap" of the server{} at PATH:2 on "127.0.0.1:1993"',
+     (1, "listen")),
+    ((A, ["listen 127.0.0.1:1993;", "protocol imap;", "starttls on;", "server_name b;"]),
+     'the "ssl" parameter differs from "listen 127.0.0.1:1993 ssl" in PATH:3', (1, "listen")),
+    ((A, ["listen 127.0.0.1:1993 ssl proxy_protocol;", "protocol imap;", "server_name b;"]),
+     'the "proxy_protocol" parameter differs from "listen 127.0.0.1:1993 ssl" in PATH:3',
+     (1, "listen")),
+    ((A, ["listen 127.0.0.1:1993 ssl backlog=10;", "protocol imap;", "server_name b;"]),
+     'duplicate listen options for "127.0.0.1:1993" (the first is '
+     '"listen 127.0.0.1:1993 ssl" in PATH:3)', (1, "listen")),
+    ((A, [IMAPS, "protocol imap;", "server_name b.test A.test;"]),
+     'conflicting server name "A.test" on "127.0.0.1:1993"', (1, "server_name")),
+    (([IMAPS, "protocol imap;", "server_name *.a.test;"],
+      [IMAPS, "protocol imap;", "server_name .a.test;"]),
+     'conflicting server name ".a.test" on "127.0.0.1:1993"', (1, "server_name")),
+    ((["listen 127.0.0.1:1143;", "protocol imap;"],
+      ["listen 127.0.0.1:1143;", "protocol imap;", "starttls on;", "server_name b;"]),
+     'a server{} without TLS shares "127.0.0.1:1143": a client picks one of the servers '
+     'on an address by its TLS server name, so each needs "listen ... ssl" or '
+     '"starttls on|only"', (0, "listen")),
+    ((["listen 127.0.0.1:1143;", "protocol imap;"], ["listen 127.0.0.1:1143;", "protocol imap;"]),
+     'duplicate "127.0.0.1:1143" address and port pair', (1, "listen")),
+    (([IMAPS, "protocol imap;", "server_name mail.*.test;"],),
+     'invalid server name or wildcard "mail.*.test"', (0, "server_name")),
+    (([IMAPS, "protocol imap;", "server_name ~^mail;"],),
+     'regular expression server names are not supported: "~^mail"', (0, "server_name")),
+], ids=["protocol", "ssl", "proxy_protocol", "options", "name", "wildcard name", "no TLS",
+        "nginx duplicate", "bad wildcard", "regex"])
+def test_sharing_mistakes_are_minus_t_errors_naming_the_line(tmp_path, certs, servers, message,
+                                                             culprit):
+    text, path, starts = conf_error(tmp_path, certs, *servers)
+    server, directive = culprit
+    line = starts[server] + next(i for i, said in enumerate(servers[server])
+                                 if said.startswith(directive))
+    assert text == f"{message.replace('PATH', str(path))} in {path}:{line}"
+
+
+def test_one_block_per_address_keeps_working_without_names(tmp_path, certs):
+    """A lone block's name is never looked at: any name, no TLS needed."""
+    path = tmp_path / "mail.conf"
+    path.write_text("mail { auth_http 127.0.0.1:9/auth; server { listen 127.0.0.1:1143; "
+                    "protocol imap; server_name mx.test other.test; } }\n")
+    server = load(str(path)).servers[0]
+    assert server.server_name == "mx.test"
+    assert names.server_names(server) == ("mx.test", "other.test")
+
+
+# ---------------------------------------------------------------- example
+
+def test_the_sni_example_picks_as_its_comments_say(tmp_path, certs):
+    text = (peers.ROOT / "examples" / "sni.conf").read_text() if hasattr(peers, "ROOT") \
+        else open(__file__.replace("tests/test_sni.py", "examples/sni.conf")).read()
+    for directive in ("ssl_certificate_key", "ssl_certificate"):
+        text = "\n".join(f"{line.split(directive)[0]}{directive} "
+                         f"{certs.rsa.key if directive.endswith('key') else certs.rsa.cert};"
+                         if line.strip().startswith(directive + " ") else line
+                         for line in text.splitlines())
+    text = "\n".join(line for line in text.splitlines()
+                     if not line.strip().startswith(("error_log", "pid")))
+    path = tmp_path / "sni.conf"
+    path.write_text(text + "\n")
+    config = load(str(path))
+    groups = names.shared_addresses(config.servers)
+    imaps = next(members for key, members in groups.items() if key[2] == 993)
+    table = names.NameTable()
+    for index, _ in imaps:
+        for name in names.server_names(config.servers[index]):
+            table.add(name, config.servers[index].server_name)
+    assert table.pick("mail.example.org", None) == "mail.example.org"
+    assert table.pick("imap.example.net", None) == "mail.example.net"
+    assert table.pick("example.net", None) == "mail.example.net"
+    assert table.pick("unknown.example.com", "first") == "first"
+
+
+# ---------------------------------------------------------------- helpers
+
+def require_openssl():
+    if OPENSSL is None:
+        if peers.in_ci():
+            pytest.fail("openssl is not installed (required under CI)")
+        pytest.skip("openssl is not installed")
+
+
+def served(done):
+    """The CN of the certificate `openssl s_client` verified (its depth=0 line)."""
+    line = next(line for line in done.stderr.decode().splitlines()
+                if line.startswith("depth=0 "))
+    return line.rpartition("CN = ")[2]
+
+
+def s_client(args, commands, certs):
+    return subprocess.run([OPENSSL, "s_client", "-quiet", "-CAfile", certs.ca.cert,
+                           "-verify_return_error", *args],
+                          input=commands, capture_output=True, timeout=30)
