@@ -11,26 +11,35 @@ resumed under one name is refused under another, and each mistake in
 sharing an address is a `-t` error naming file:line.
 """
 
+import functools
+import re
 import shutil
 import socket
 import ssl
 import subprocess
 import textwrap
+import threading
+import time
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.register_assert_rewrite("certs")
 import peers
 from certs import Peer, issue_named
 from fakes import ScriptedAuthService, fail
 from harness import RunningProxy, free_port
-from mailproxy import names, smtp
+from mailproxy import hello, names, smtp
 from mailproxy.config import ConfigError, load
 from mailproxy.imap import GREETING
 
 pytest_plugins = ("certs",)
 
 OPENSSL = shutil.which("openssl")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sni.conf"
+CERT_LINE = re.compile(r"^(\s*ssl_certificate(?:_key)?)\s+\S+;", re.MULTILINE)
 IO_TIMEOUT = 5
 CAPS = {"default": b"* CAPABILITY IMAP4rev1 X-DEFAULT AUTH=PLAIN\r\n",
         "a": b"* CAPABILITY IMAP4rev1 X-A AUTH=PLAIN\r\n",
@@ -175,6 +184,100 @@ def test_starttls_smtp_ehlo_after_tls_names_the_picked_block(setup, certs, name,
         assert peer.line() == b"250 " + server + b"\r\n"
 
 
+# ------------------------------------------------------- the ClientHello
+
+def client_hello(name, version="TLSv1_3"):
+    """The first flight of Python's TLS client for `name`: one record."""
+    context = ssl.create_default_context()
+    context.maximum_version = getattr(ssl.TLSVersion, version)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def records(message, sizes):
+    """A handshake message cut into records of `sizes` bytes (RFC 8446 5.1
+    lets a ClientHello span records)."""
+    out, at = b"", 0
+    for size in sizes:
+        part = message[at:at + size]
+        out += bytes([hello.HANDSHAKE, 3, 1]) + len(part).to_bytes(2, "big") + part
+        at += size
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def real_hello():
+    return client_hello("mail.example.org")
+
+
+def hello_from(data, deadline_seconds=IO_TIMEOUT, trickle=False):
+    """What read_client_hello makes of `data` sent to it (a byte at a time
+    with `trickle`), over a loopback socket pair."""
+    def send():         # a byte per send outgrows the socket buffer: a thread
+        for byte in data:
+            theirs.sendall(bytes([byte]))
+        theirs.shutdown(socket.SHUT_WR)
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=send, name="hello sender")
+        if trickle:
+            sender.start()
+        else:
+            theirs.sendall(data)
+            theirs.shutdown(socket.SHUT_WR)
+        try:
+            return hello.read_client_hello(ours, time.monotonic() + deadline_seconds)
+        finally:
+            if trickle:
+                sender.join(IO_TIMEOUT)
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+@pytest.mark.parametrize("cut", [None, (3, 40, 10000), (1,) * 5])
+def test_the_server_name_is_read_from_whole_or_split_hellos(version, cut):
+    first = client_hello("Mail.Example.ORG", version)
+    message = first[hello.RECORD_HEADER:]
+    data = records(message, cut[:-1] + (len(message),)) if cut else first
+    assert hello_from(data + b"after", trickle=cut == (1,) * 5) == \
+        (data, "mail.example.org")           # nothing past the hello is read
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x16\x03", b"a LOGIN joe secret\r\n", b"\x17\x03\x03\x00\x05hello",
+    b"\x16\x03\x01\x00\x00", b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+    b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\x00\x00",
+])
+def test_what_is_no_client_hello_gives_no_name_and_keeps_every_byte(data):
+    received, name = hello_from(data)
+    assert name is None and data.startswith(received) and received[:5] == data[:5]
+
+
+def test_a_hello_without_a_name_gives_none():
+    assert hello_from(client_hello(None))[1] is None
+
+
+def test_a_hello_that_stops_halfway_times_out_at_the_deadline():
+    first = client_hello("mail.example.org")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(first[:100])
+        with pytest.raises(TimeoutError):
+            hello.read_client_hello(ours, time.monotonic() + 0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 299))
+def test_any_bytes_give_a_name_or_none_never_an_error(noise, at):
+    real = real_hello()
+    for data in (noise, real[:at] + noise, bytes([22, 3, 1]) + noise):
+        received, name = hello_from(data)
+        assert data.startswith(received) and (name is None or isinstance(name, str))
+
+
 # ---------------------------------------------------------- resumption
 
 @pytest.mark.parametrize("first, second", [("imap.a.test", "x.b.test"),
@@ -277,28 +380,25 @@ def test_one_block_per_address_keeps_working_without_names(tmp_path, certs):
 # ---------------------------------------------------------------- example
 
 def test_the_sni_example_picks_as_its_comments_say(tmp_path, certs):
-    text = (peers.ROOT / "examples" / "sni.conf").read_text() if hasattr(peers, "ROOT") \
-        else open(__file__.replace("tests/test_sni.py", "examples/sni.conf")).read()
-    for directive in ("ssl_certificate_key", "ssl_certificate"):
-        text = "\n".join(f"{line.split(directive)[0]}{directive} "
-                         f"{certs.rsa.key if directive.endswith('key') else certs.rsa.cert};"
-                         if line.strip().startswith(directive + " ") else line
-                         for line in text.splitlines())
-    text = "\n".join(line for line in text.splitlines()
-                     if not line.strip().startswith(("error_log", "pid")))
+    """examples/sni.conf, with the test's certificate and log: each address
+    it shares picks as its comments say."""
+    text = CERT_LINE.sub(lambda m: f"{m[1]} {certs.rsa.key if m[1].endswith('key') else ''}"
+                         f"{'' if m[1].endswith('key') else certs.rsa.cert};", EXAMPLE.read_text())
     path = tmp_path / "sni.conf"
-    path.write_text(text + "\n")
+    path.write_text(text.replace("/var/log/mailproxy/", f"{tmp_path}/"))
     config = load(str(path))
-    groups = names.shared_addresses(config.servers)
-    imaps = next(members for key, members in groups.items() if key[2] == 993)
-    table = names.NameTable()
-    for index, _ in imaps:
-        for name in names.server_names(config.servers[index]):
-            table.add(name, config.servers[index].server_name)
-    assert table.pick("mail.example.org", None) == "mail.example.org"
-    assert table.pick("imap.example.net", None) == "mail.example.net"
-    assert table.pick("example.net", None) == "mail.example.net"
-    assert table.pick("unknown.example.com", "first") == "first"
+    for port, protocol in ((993, "imap"), (143, "imap"), (587, "smtp")):
+        members = next(members for key, members in names.shared_addresses(config.servers)
+                       .items() if key[2] == port)
+        table, servers = names.NameTable(), [config.servers[index] for index, _ in members]
+        for server in servers:
+            for name in names.server_names(server):
+                table.add(name, server.server_name)
+        assert [server.protocol for server in servers] == [protocol, protocol]
+        assert table.pick("mail.example.org", None) == "mail.example.org"
+        assert table.pick("imap.example.net", None) == "mail.example.net"
+        assert table.pick("example.net", None) == ("mail.example.net" if port != 587 else None)
+        assert table.pick("unknown.example.com", None) is None
 
 
 # ---------------------------------------------------------------- helpers
