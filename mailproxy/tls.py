@@ -80,6 +80,8 @@ class TlsVerifyError(ssl.SSLCertVerificationError):
 class TlsChannel:
     """TLS over a connected socket (server or client side).
 
+    `received` is what was read from the peer before (hello.py reads a
+    client's ClientHello to pick the context): OpenSSL reads it first.
     After the handshake, `verify_error` is None or (code, text): OpenSSL's
     verify result, which a resumed session (or ticket) carries too."""
 
