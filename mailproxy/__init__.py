@@ -19,7 +19,9 @@ One login, followed through the modules in the order it touches them:
     sasl.py       which decode credentials (PLAIN, LOGIN, CRAM-MD5, ...);
     login.py      then takes the credentials on:
     auth_http.py  the auth service says yes (and to which backend) or no;
-    backend.py    logs in to that backend on the client's behalf, and
+    backend.py    logs in to that backend on the client's behalf (with
+                  backend_sasl.py when the auth service names a SASL
+                  mechanism, an OAuth 2.0 token's XOAUTH2 too), and
     relay.py      a pair of copy threads moves bytes both ways, untouched,
                   until one side closes.
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import requests
+from urllib3 import HTTPHeaderDict
 from urllib3.util import SKIP_HEADER
 
 from .addresses import UNIX_PREFIX, AuthHttp
@@ -32,6 +33,10 @@ UNIX_HOST = "localhost"     # nginx's Host header for a unix: auth service
 NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])   # as nginx, none kept
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESCAPED = frozenset(range(0x21)) | {0x25, 0x7F}     # control bytes, space, "%" and DEL
+# Auth-Backend-Auth (beyond nginx): how the proxy logs in to the backend;
+# "none" is the protocol's own way (IMAP LOGIN, POP3 USER/PASS, SMTP no AUTH).
+BACKEND_AUTH = ("none", "plain", "login", "xoauth2", "oauthbearer")
+TOKEN_MECHANISMS = ("xoauth2", "oauthbearer")      # Auth-Pass must carry the token
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # in a reply's value: invalid (HTAB is not)
 
 
@@ -42,7 +47,10 @@ class AuthServiceError(Exception):
 @dataclass(frozen=True)
 class AuthRequest:
     """One question to the auth service; `extra` holds protocol-specific
-    (name, value) headers such as SMTP's Client-Host, in order."""
+    (name, value) headers such as SMTP's Client-Host, in order.  Beyond
+    nginx: the client's port and the address it connected to (None when
+    unknown: a unix-domain socket), and the backends that could not be
+    reached for this login so far ("addr:port", proxy_backend_tries)."""
     method: str
     login: bytes
     password: bytes
@@ -51,6 +59,10 @@ class AuthRequest:
     attempt: int
     client_ip: str
     extra: tuple = ()
+    client_port: int = None
+    server_ip: str = None
+    server_port: int = None
+    failed_backends: tuple = ()
 
     def __repr__(self):
         return f"AuthRequest({self.method}, login={self.login!r}, attempt={self.attempt})"
@@ -59,7 +71,8 @@ class AuthRequest:
 @dataclass(frozen=True)
 class AuthReply:
     """The auth service's answer.  `status` is "OK", "WAIT" or the error
-    text; `user`/`password` are the backend overrides (raw bytes or None)."""
+    text; `user`/`password` are the backend overrides (raw bytes or None);
+    `backend_auth` is Auth-Backend-Auth (a BACKEND_AUTH name, or None)."""
     status: str
     server: str = None
     port: int = None
@@ -67,6 +80,7 @@ class AuthReply:
     password: bytes = None
     wait: int = 0
     error_code: str = None
+    backend_auth: str = None
     headers: tuple = ()         # every (name, value) received, for protocol extensions
 
     @property
@@ -126,7 +140,9 @@ class AuthClient:
         self.template = self.http.prepare_request(requests.Request("GET", target))
 
     def headers_for(self, request):
-        """The request headers in nginx's order (spec 2.2)."""
+        """The request headers in nginx's order (spec 2.2); mailproxy's own
+        (Client-Port, Server-IP, Server-Port, Auth-Backend-Failed) follow
+        nginx's, and the `auth_http_header` ones come last."""
         headers = [("Host", self.host),
                    ("Auth-Method", request.method),
                    ("Auth-User", escape(request.login)),
@@ -137,16 +153,26 @@ class AuthClient:
                     ("Auth-Login-Attempt", str(request.attempt)),
                     ("Client-IP", request.client_ip)]
         headers += list(request.extra)
+        if request.client_port is not None:
+            headers.append(("Client-Port", str(request.client_port)))
+        if request.server_ip is not None:
+            headers += [("Server-IP", request.server_ip),
+                        ("Server-Port", str(request.server_port))]
+        headers += [("Auth-Backend-Failed", failed) for failed in request.failed_backends]
         headers += list(self.extra_headers)
         return headers
 
     def wire_headers(self, request):
-        """headers_for() as requests must get them: bytes values (so logins
-        pass byte for byte), and urllib3's own Accept-Encoding and
-        User-Agent suppressed so nothing comes before Host."""
-        headers = {name: value.encode("latin-1") for name, value in
-                   self.headers_for(request)[:-len(self.extra_headers) or None]}
-        headers.update((name, value.encode()) for name, value in self.extra_headers)
+        """headers_for() as they go out: an HTTPHeaderDict, where a name may
+        repeat (Auth-Backend-Failed), of str values that http.client sends
+        as latin-1, so each is the bytes meant (a login's one-to-one, an
+        `auth_http_header` value in UTF-8); urllib3's own Accept-Encoding
+        and User-Agent are suppressed so nothing comes before Host."""
+        headers = HTTPHeaderDict()
+        for name, value in self.headers_for(request)[:-len(self.extra_headers) or None]:
+            headers.add(name, value)
+        headers.update((name, value.encode().decode("latin-1"))
+                       for name, value in self.extra_headers)
         headers.update({"Accept-Encoding": SKIP_HEADER, "User-Agent": SKIP_HEADER})
         return headers
 
@@ -157,8 +183,13 @@ class AuthClient:
         requests' own timeout (per socket operation) is never the one that
         ends a request: the connection's deadline comes first."""
         prepared = self.template.copy()
+        headers = self.wire_headers(request)
         try:
-            prepared.prepare_headers(self.wire_headers(request))
+            # requests checks each name and value; as bytes, since its check
+            # of a str takes a leading \xa0 (a login's byte) for a space.
+            prepared.prepare_headers({name: value.encode("latin-1")
+                                      for name, value in headers.items()})
+            prepared.headers = headers          # and this goes out, repeated names kept
             response = self.http.send(prepared, timeout=(self.timeout, self.timeout),
                                       stream=True, allow_redirects=False)
         except requests.RequestException as exc:
@@ -230,17 +261,22 @@ def parse_reply(headers):
     status = values.get("auth-status")
     if status is None:
         raise AuthServiceError("auth http server sent no Auth-Status")
-    server = port = None
+    server = port = backend_auth = None
     if status == "OK":
         server, port = values.get("auth-server"), values.get("auth-port")
         if server is None or port is None:
             raise AuthServiceError("auth http server did not send server or port")
         server, port = _server(server), _port(port)
+        backend_auth = _backend_auth(values.get("auth-backend-auth"))
+        if backend_auth in TOKEN_MECHANISMS and "auth-pass" not in values:
+            # the client's password is no token: never send it to a provider as one
+            raise AuthServiceError(f'auth http server sent "Auth-Backend-Auth: {backend_auth}" '
+                                   "without Auth-Pass")
     return AuthReply(
         status=status, server=server, port=port,
         user=_raw(values.get("auth-user")), password=_raw(values.get("auth-pass")),
         wait=_atoi(values.get("auth-wait", "")), error_code=values.get("auth-error-code"),
-        headers=tuple(headers))
+        backend_auth=backend_auth, headers=tuple(headers))
 
 
 def _server(text):
@@ -259,6 +295,14 @@ def _port(text):
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise AuthServiceError(f'auth http server sent invalid server port:"{text}"')
     return int(text)
+
+
+def _backend_auth(text):
+    if text is None:
+        return None
+    if text.lower() not in BACKEND_AUTH:
+        raise AuthServiceError(f'auth http server sent invalid Auth-Backend-Auth "{text}"')
+    return text.lower()
 
 
 def _raw(value):

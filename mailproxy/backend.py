@@ -12,23 +12,34 @@ Every backend reply is one bounded line (`proxy_buffer`, spec 4.5).  A reply
 that is not the expected one raises BackendError carrying the backend's
 bytes, which the client sees verbatim only with `proxy_pass_error_message
 on`; a close, a timeout or an overlong line always gives the client the
-protocol's internal-error line.
+protocol's internal-error line.  A failure before the backend has greeted
+(refused, unreachable, timed out, closed, a TLS handshake that failed, a
+greeting that is not one) raises Unreachable, its subclass, which
+`proxy_backend_tries` may answer by asking the auth service for another
+backend (login.py).
+
+With `proxy_client_address on`, an IMAP or POP3 backend is told who the
+client is before the login (`Origin`): IMAP's ID command with Dovecot's
+x-originating-* fields when the backend announces ID, POP3's XCLIENT when
+it announces XCLIENT.  A backend that refuses it still gets the login.
 """
 
-import base64
+import contextlib
 import logging
 import re
 import socket
 import ssl
 from dataclasses import dataclass
 
-from . import words
+from . import backend_sasl, words
 from .log import LEVELS
 from .stream import Closed, Stream, TooLong
 
 ALERT = LEVELS["alert"]
 LITERAL_MINUS_MAX = 4096  # RFC 7888: the longest non-synchronizing literal LITERAL- allows
 _GREETING_CAPABILITY = re.compile(rb"\* OK \[CAPABILITY ([^\]\r\n]*)\]", re.IGNORECASE)
+_POP3_XCLIENT = re.compile(rb"\+OK \[XCLIENT\]", re.IGNORECASE)   # Dovecot's greeting code
+MAX_CAPABILITY_LINES = 64   # lines of a CAPABILITY or CAPA reply read before giving up
 
 
 class BackendError(Exception):
@@ -39,6 +50,33 @@ class BackendError(Exception):
     def __init__(self, message, reply=None, level=logging.ERROR):
         super().__init__(message)
         self.reply, self.level = reply, level
+
+
+class Unreachable(BackendError):
+    """The backend could not be reached: no connection, no TLS, no
+    greeting (proxy_backend_tries may try another one)."""
+
+
+@contextlib.contextmanager
+def reaching():
+    """Any BackendError inside (connecting, the greeting) is Unreachable."""
+    try:
+        yield
+    except BackendError as exc:
+        raise Unreachable(str(exc), exc.reply, exc.level) from None
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who the client is, for `proxy_client_address`: its real address
+    (after the PROXY protocol and set_real_ip_from), the address it
+    connected to (None for a unix-domain listener without a PROXY header),
+    and the session's connection number, as the logs show it."""
+    client_ip: str
+    client_port: int
+    server_ip: str = None
+    server_port: int = None
+    session: int = 0
 
 
 def new_socket(server):
@@ -68,13 +106,14 @@ def connect(sock, server, port, timeout, tls=None, proxy_header=b""):
     try:
         sock.connect((server, port))
     except TimeoutError:
-        raise BackendError("upstream timed out (connecting)") from None
+        raise Unreachable("upstream timed out (connecting)") from None
     except OSError as exc:
-        raise BackendError(f"connect() failed ({exc.errno}: {exc.strerror})") from None
-    if proxy_header:
-        send_proxy_header(sock, proxy_header)
-    if tls and tls.implicit:
-        start_tls(stream, tls, server)
+        raise Unreachable(f"connect() failed ({exc.errno}: {exc.strerror})") from None
+    with reaching():
+        if proxy_header:
+            send_proxy_header(sock, proxy_header)
+        if tls and tls.implicit:
+            start_tls(stream, tls, server)
     return stream
 
 
@@ -144,12 +183,17 @@ def expect(line, prefix):
 
 # ------------------------------------------------------------------- IMAP
 
-def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None):
+def imap_login(stream, tag, login, password, limit, step=lambda text: None, starttls=None,
+               origin=None, log=None, sasl=None, address=("", 0)):
     """LOGIN with both values as literals, reusing the client's tag (spec
     4.2); returns the lines to forward to the client: the tagged OK, and the
     one untagged line nginx 1.27.3+ allows before it (e.g. a CAPABILITY from
     SmarterMail or Gmail).  `starttls` (beyond nginx, proxy_starttls)
-    upgrades the connection first (RFC 3501 6.2.1).
+    upgrades the connection first (RFC 3501 6.2.1); `origin` (beyond
+    nginx, proxy_client_address) is sent in an ID command before LOGIN.
+    `sasl` (beyond nginx, Auth-Backend-Auth): AUTHENTICATE with that
+    mechanism instead of LOGIN (backend_sasl.py); `address` is the
+    backend's (host, port).
 
     nginx always sends synchronizing literals: three round trips.  When the
     greeting's CAPABILITY allows non-synchronizing ones (RFC 7888), as
@@ -157,12 +201,22 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
     (beyond nginx: the backend cannot tell the difference; a greeting seen
     before STARTTLS is not trusted for it)."""
     step("reading response from upstream")
-    greeting = expect(read_reply(stream, limit), b"* OK")
+    with reaching():
+        greeting = expect(read_reply(stream, limit), b"* OK")
     if starttls:
         step("sending starttls to upstream")
         send(stream, tag + b" STARTTLS\r\n")
         expect(read_tagged(stream, tag, limit), tag + b" OK")
         starttls()
+    if origin:
+        # RFC 3501 6.2.1: capabilities seen before STARTTLS are forgotten.
+        known = None if starttls else _greeting_capabilities(greeting)
+        imap_id(stream, tag, origin, known, limit, step, log)
+    if sasl in backend_sasl.MECHANISMS:
+        step("sending authenticate to upstream")
+        dialect = backend_sasl.Imap(stream, tag, limit, sasl_ir=not starttls and
+                                    b"SASL-IR" in (_greeting_capabilities(greeting) or ()))
+        return backend_sasl.authenticate(dialect, sasl, login, password, address)
     send_login(stream, tag, login, password, limit, step,
                one_write=not starttls and _non_synchronizing(greeting, login, password))
     step("reading response from upstream")
@@ -176,6 +230,54 @@ def imap_login(stream, tag, login, password, limit, step=lambda text: None, star
         exc.reply = untagged + line
         raise
     return untagged + line
+
+
+def imap_id(stream, tag, origin, capabilities, limit, step, log):
+    """proxy_client_address: `ID (...)` with the client's addresses, if
+    the backend announces ID (RFC 2971) in `capabilities`, or, when those
+    are unknown (None), in its answer to CAPABILITY.  A refusal is
+    logged and the login goes on."""
+    if capabilities is None:
+        step("sending capability to upstream")
+        send(stream, tag + b" CAPABILITY\r\n")
+        capabilities = _capability_reply(stream, tag, limit)
+    if b"ID" not in capabilities:
+        log.info("upstream does not announce ID, client address not sent")
+        return
+    step("sending id to upstream")
+    send(stream, tag + b" ID (" + id_fields(origin) + b")\r\n")
+    line = read_tagged(stream, tag, limit)
+    if not line[:len(tag) + 3].upper() == tag.upper() + b" OK":
+        log.info('upstream refused ID: "%s"', _printable(line))
+
+
+def id_fields(origin):
+    """Dovecot's ID fields for the client's address, as IMAP strings."""
+    fields = [(b"x-originating-ip", origin.client_ip), (b"x-originating-port", origin.client_port)]
+    if origin.server_ip is not None:
+        fields += [(b"x-connected-ip", origin.server_ip),
+                   (b"x-connected-port", origin.server_port)]
+    fields.append((b"x-session-id", origin.session))
+    return b" ".join(b'"%s" "%s"' % (name, str(value).encode()) for name, value in fields)
+
+
+def _greeting_capabilities(greeting):
+    """The words of a greeting's [CAPABILITY ...] code, upper-cased, or
+    None when it has none."""
+    match = _GREETING_CAPABILITY.match(greeting)
+    return match.group(1).upper().split() if match else None
+
+
+def _capability_reply(stream, tag, limit):
+    """The words of the `* CAPABILITY` lines before the tagged reply."""
+    words_seen = []
+    for _ in range(MAX_CAPABILITY_LINES):
+        line = read_reply(stream, limit)
+        if not line.startswith(b"* "):
+            return words_seen
+        if line[2:13].upper() == b"CAPABILITY ":
+            words_seen += line[13:].upper().split()
+    raise BackendError("upstream sent too long CAPABILITY response")
 
 
 def send_login(stream, tag, login, password, limit, step, one_write):
@@ -198,10 +300,9 @@ def send_login(stream, tag, login, password, limit, step, one_write):
 def _non_synchronizing(greeting, *values):
     """May `values` go as non-synchronizing literals?  Yes if the greeting's
     CAPABILITY has LITERAL+, or LITERAL- and none is over 4096 bytes."""
-    match = _GREETING_CAPABILITY.match(greeting)
-    if not match:
+    capabilities = _greeting_capabilities(greeting)
+    if capabilities is None:
         return False
-    capabilities = match.group(1).upper().split()
     return b"LITERAL+" in capabilities or \
         (b"LITERAL-" in capabilities and max(map(len, values)) <= LITERAL_MINUS_MAX)
 
@@ -218,27 +319,74 @@ def read_tagged(stream, tag, limit, untagged=3):
 
 # ------------------------------------------------------------------- POP3
 
-def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=None):
+def pop3_login(stream, login, password, limit, step=lambda text: None, starttls=None,
+               origin=None, log=None, sasl=None, address=("", 0)):
     """USER then PASS, whatever the client used (spec 4.3); returns the
     backend's final +OK line for the client.  `starttls`: STLS first
-    (RFC 2595 4, beyond nginx)."""
-    if b"\r" in login + password or b"\n" in login + password:
-        # Only SASL can carry them here; replayed, the rest of the line
-        # would run as a second command on the backend.
+    (RFC 2595 4, beyond nginx); `origin`: XCLIENT before USER (beyond
+    nginx, proxy_client_address).  `sasl` (beyond nginx, Auth-Backend-Auth):
+    AUTH with that mechanism instead of USER/PASS (backend_sasl.py);
+    `address` is the backend's (host, port)."""
+    if sasl not in backend_sasl.MECHANISMS and \
+            (b"\r" in login + password or b"\n" in login + password):
+        # Only SASL (base64) can carry them; replayed in USER or PASS, the
+        # rest of the line would run as a second command on the backend.
         raise BackendError("login or password holds CR or LF, which USER/PASS cannot carry")
     step("reading response from upstream")
-    expect(read_reply(stream, limit), b"+OK")
+    with reaching():
+        greeting = expect(read_reply(stream, limit), b"+OK")
     if starttls:
         step("sending stls to upstream")
         send(stream, b"STLS\r\n")
         expect(read_reply(stream, limit), b"+OK")
         starttls()
+    if origin:
+        # RFC 2595 4: what the backend said before STLS is forgotten.
+        announced = not starttls and bool(_POP3_XCLIENT.match(greeting))
+        pop3_xclient(stream, origin, announced, limit, step, log)
+    if sasl in backend_sasl.MECHANISMS:
+        step("sending auth to upstream")
+        return backend_sasl.authenticate(backend_sasl.Pop3(stream, limit), sasl, login,
+                                         password, address)
     step("sending user name to upstream")
     send(stream, b"USER " + login + b"\r\n")
     expect(read_reply(stream, limit), b"+OK")
     step("sending password to upstream")
     send(stream, b"PASS " + password + b"\r\n")
     return expect(read_reply(stream, limit), b"+OK")
+
+
+def pop3_xclient(stream, origin, announced, limit, step, log):
+    """proxy_client_address: `XCLIENT ADDR= PORT= SESSION=` if the backend
+    announced XCLIENT in its greeting (`announced`: Dovecot's way) or
+    lists it in CAPA.  A refusal is logged and the login goes on."""
+    if not announced:
+        step("sending capa to upstream")
+        send(stream, b"CAPA\r\n")
+        announced = b"XCLIENT" in _capa_reply(stream, limit)
+    if not announced:
+        log.info("upstream does not announce XCLIENT, client address not sent")
+        return
+    step("sending xclient to upstream")
+    send(stream, b"XCLIENT ADDR=%s PORT=%d SESSION=%d\r\n"
+         % (origin.client_ip.encode(), origin.client_port, origin.session))
+    line = read_reply(stream, limit)
+    if not line[:3].upper() == b"+OK":
+        log.info('upstream refused XCLIENT: "%s"', _printable(line))
+
+
+def _capa_reply(stream, limit):
+    """The capability names (first words, upper-cased) of a CAPA reply
+    (RFC 2449 5); none after -ERR."""
+    if not read_reply(stream, limit).startswith(b"+OK"):
+        return []
+    names = []
+    for _ in range(MAX_CAPABILITY_LINES):
+        line = read_reply(stream, limit)
+        if line in (b".\r\n", b".\n"):
+            return names
+        names += line.upper().split()[:1]
+    raise BackendError("upstream sent too long CAPA response")
 
 
 # ------------------------------------------------------------------- SMTP
@@ -254,7 +402,8 @@ class SmtpPlan:
     login: bytes
     password: bytes
     helo: tuple = None          # (verb, argument) the client sent, or None
-    auth: str = None            # "plain", "login" or None
+    auth: str = None            # a backend_sasl.MECHANISMS name, or None
+    backend: tuple = ("", 0)    # the backend's (host, port), which OAUTHBEARER names
     mail_from: bytes = b""      # MX mode: the client's MAIL and RCPT lines
     rcpt_to: bytes = b""
 
@@ -289,7 +438,8 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         return expect_code(read_smtp_reply(stream, limit), *codes)
 
     step("reading response from upstream")
-    expect_code(read_smtp_reply(stream, limit), b"220")
+    with reaching():
+        expect_code(read_smtp_reply(stream, limit), b"220")
     hello = (b"EHLO " if plan.ehlo or starttls else b"HELO ") + plan.server_name
     if starttls:
         step("sending starttls to upstream")
@@ -308,7 +458,8 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         if not plan.password:
             raise BackendError("no password available for upstream AUTH")
         step("sending auth to upstream")
-        reply = smtp_auth(command, plan)
+        reply = backend_sasl.authenticate(backend_sasl.Smtp(stream, limit), plan.auth,
+                                          plan.login, plan.password, plan.backend)
     if plan.rcpt_to:
         step("sending mail from to upstream")
         command(plan.mail_from, b"250")
@@ -316,16 +467,6 @@ def smtp_login(stream, plan, limit, step=lambda text: None, starttls=None):
         send(stream, plan.rcpt_to + b"\r\n")
         reply = read_smtp_reply(stream, limit)     # any reply: the client judges it
     return reply
-
-
-def smtp_auth(command, plan):
-    """AUTH PLAIN with no authzid (as nginx), or AUTH LOGIN (beyond nginx)."""
-    if plan.auth == "plain":
-        token = base64.b64encode(b"\0" + plan.login + b"\0" + plan.password)
-        return command(b"AUTH PLAIN " + token, b"235")
-    command(b"AUTH LOGIN", b"334")
-    command(base64.b64encode(plan.login), b"334")
-    return command(base64.b64encode(plan.password), b"235")
 
 
 def xclient_line(plan):
@@ -346,7 +487,7 @@ def xtext(value):
                     else bytes((byte,)) for byte in value)
 
 
-def _printable(line):
+def _printable(line, limit=200):
     """A backend line for the log: no CR/LF, control bytes escaped, bounded."""
-    text = words.line_body(line)[:200].decode("utf-8", "backslashreplace")
+    text = words.line_body(line)[:limit].decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

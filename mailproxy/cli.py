@@ -85,7 +85,7 @@ def main(ctx, conf, test, dump, prefix, directives, signal_name, version, build,
         ctx.exit(1)
     if signal_name:
         ctx.exit(_send_signal(config, signal_name))
-    if config.worker_processes > 1:
+    if master.needed(config):
         ctx.exit(master.Master(config, lambda: _read(path, prefix, directives, trace)).run())
     ctx.exit(server.run(config))
 

@@ -296,8 +296,19 @@ def _server(level, mail, main, conf_prefix):
     server = ServerConfig(settings, listens, protocol, level.where)
     names.check_names(server)
     level.warnings += [f"{text} in {settings[name].where or level.where}"
-                       for name, text in _check_tls(server)]
+                       for name, text in _check_tls(server) + _check_mx(server)]
     return server
+
+
+def _check_mx(server):
+    """[(directive, text)]: an MX listener (`smtp_auth none`) with `starttls
+    only` refuses mail in clear text, as the operator asked (smtp.py), but
+    RFC 3207 section 4 says a publicly referenced MX must not require it."""
+    if server.protocol != "smtp" or "none" not in server.smtp_auth or \
+            server.starttls != "only":
+        return []
+    return [("starttls", '"starttls only" with "smtp_auth none" refuses mail in clear text; '
+             "RFC 3207 section 4: a publicly referenced MX must not require STARTTLS")]
 
 
 def _in_folder(setting, folder):

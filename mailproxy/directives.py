@@ -290,6 +290,8 @@ _ROWS = [
     Directive("resolver", M_S, (1, None), resolver, ["off"]),
     Directive("resolver_timeout", M_S, (1, 1), single(parse_time), ["30s"]),
     Directive("max_errors", M_S, (1, 1), single(parse_number), ["5"]),
+    Directive("max_commands", M_S, (1, 1), single(parse_number), ["1000"],
+              note="freenginx: commands before login"),
     Directive("so_keepalive", M_S, (1, 1), single(parse_flag),
               note="legacy alias of the listen parameter so_keepalive="),
     # ngx_mail_auth_http_module
@@ -311,19 +313,24 @@ _ROWS = [
     Directive("set_real_ip_from", M_S, (1, 1), real_ip_from, repeat=True,
               warn=low_address_bits),
     # ngx_mail_imap_module
-    Directive("imap_auth", M_S, (1, None), methods({"plain", "login", "cram-md5", "external"}),
+    Directive("imap_auth", M_S, (1, None),
+              methods({"plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer"}),
               ["plain"]),
     Directive("imap_capabilities", M_S, (1, None), words,
               [["IMAP4", "IMAP4rev1", "UIDPLUS"]], repeat=True),
     Directive("imap_client_buffer", M_S, (1, 1), single(parse_buffer), ["4k"]),
     # ngx_mail_pop3_module
-    Directive("pop3_auth", M_S, (1, None), methods({"plain", "apop", "cram-md5", "external"}),
+    Directive("pop3_auth", M_S, (1, None),
+              methods({"plain", "apop", "cram-md5", "external", "xoauth2", "oauthbearer"}),
               ["plain"]),
     Directive("pop3_capabilities", M_S, (1, None), words, [["TOP", "USER", "UIDL"]],
               repeat=True),
+    Directive("pop3_client_buffer", M_S, (1, 1), single(parse_buffer), ["4k"],
+              note="freenginx; nginx's is a fixed 128 bytes"),
     # ngx_mail_smtp_module
     Directive("smtp_auth", M_S, (1, None),
-              methods({"plain", "login", "cram-md5", "external", "none"}), ["plain", "login"]),
+              methods({"plain", "login", "cram-md5", "external", "xoauth2", "oauthbearer",
+                       "none"}), ["plain", "login"]),
     Directive("smtp_capabilities", M_S, (1, None), words, [], repeat=True),
     Directive("smtp_client_buffer", M_S, (1, 1), single(parse_buffer), ["4k"]),
     Directive("smtp_greeting_delay", M_S, (1, 1), single(parse_time), ["0"]),
@@ -365,6 +372,9 @@ _ROWS = [
     Directive("proxy_ssl_pin", M_S, (1, 1), pin, repeat=True),
     # beyond nginx: redacted protocol traces (ops/trace.py)
     Directive("trace", M_S, (1, None), trace, ["off"]),
+    # beyond nginx: the backend learns the client's address; failover
+    Directive("proxy_client_address", M_S, (1, 1), single(parse_flag), ["off"]),
+    Directive("proxy_backend_tries", M_S, (1, 1), single(parse_positive), ["1"]),
 ]
 
 TABLE = {row.name: row for row in _ROWS}

@@ -12,7 +12,7 @@ literals included, must fit in `imap_client_buffer`.
 import re
 
 from . import backend, words
-from .sasl import Credentials, SaslError
+from .sasl import GATED_METHODS, Credentials, SaslError
 from .session import Command, Rejected, Session
 from .stream import TooLong
 
@@ -25,6 +25,7 @@ ID_REPLY = b"* ID NIL\r\n"              # RFC 2971: the proxy has nothing to tel
 CONTINUE_LITERAL = b"+ OK\r\n"
 OK = b"OK completed"
 INVALID = b"BAD invalid command"
+TOO_MANY = b"BAD too many commands"     # past max_commands; the connection closes
 MAX_ARGUMENTS = 3                       # nginx rejects a fourth at parse time
 TAG = re.compile(rb"[A-Za-z0-9._-]{1,32}")
 # What a trace hides (ops/trace.py): LOGIN's password, AUTHENTICATE's
@@ -32,7 +33,8 @@ TAG = re.compile(rb"[A-Za-z0-9._-]{1,32}")
 SECRETS = {"LOGIN": words.Secret(public=1, counts=(2,)),
            "AUTHENTICATE": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 AUTH_ORDER = (("plain", b"AUTH=PLAIN"), ("login", b"AUTH=LOGIN"),
-              ("cram-md5", b"AUTH=CRAM-MD5"), ("external", b"AUTH=EXTERNAL"))
+              ("cram-md5", b"AUTH=CRAM-MD5"), ("external", b"AUTH=EXTERNAL"),
+              ("xoauth2", b"AUTH=XOAUTH2"), ("oauthbearer", b"AUTH=OAUTHBEARER"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}    # even when imap_auth does not list them
 
 
@@ -48,7 +50,7 @@ class Texts:
                            "on": _capability(caps + auth + [b"STARTTLS"]),
                            "only": _capability(caps + [b"STARTTLS", b"LOGINDISABLED"])}
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.imap_auth
-                                             if m in ("cram-md5", "external")}
+                                             if m in GATED_METHODS}
 
 
 class ImapSession(Session):
@@ -176,7 +178,7 @@ class ImapSession(Session):
                 raise Rejected(self.invalid_reply(command))
             self.new_salt()
         try:
-            credentials = self.sasl(mechanism, initial, _continuation, self.command_limit())
+            credentials = self.sasl(mechanism, initial, self.command_limit())
         except SaslError:
             raise Rejected(self.invalid_reply(command)) from None
         except TooLong:         # a SASL line is a credential, not a tag to echo
@@ -192,6 +194,9 @@ class ImapSession(Session):
     def invalid_reply(self, command):
         return _tagged(command.tag, INVALID)
 
+    def too_many_reply(self, command):
+        return _tagged(command.tag, TOO_MANY)
+
     def too_long_reply(self, head):
         tag, space, _ = head.partition(b" ")
         return _tagged(tag if space and TAG.fullmatch(tag) else b"*", INVALID)
@@ -199,9 +204,18 @@ class ImapSession(Session):
     def auth_failed_reply(self, reply):
         return _tagged(self.tag, b"NO " + reply.status.encode("latin-1"))
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def continuation(self, challenge):
+        return b"+ " + challenge.encode() + b"\r\n"
+
+    def sasl_syntax_reply(self):
+        return _tagged(self.tag, INVALID)
+
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
+        reply = self.auth_reply
         return backend.imap_login(stream, self.tag, login, password,
-                                  self.config.proxy_buffer, self.set_step, starttls)
+                                  self.config.proxy_buffer, self.set_step, starttls,
+                                  origin, self.log, sasl=reply.backend_auth,
+                                  address=(reply.server, reply.port))
 
 
 def _capability(items):
@@ -210,10 +224,6 @@ def _capability(items):
 
 def _tagged(tag, text):
     return tag + b" " + text + b"\r\n"
-
-
-def _continuation(challenge):
-    return b"+ " + challenge.encode() + b"\r\n"
 
 
 def _invalid(tag, body):

@@ -8,7 +8,7 @@ argument, spaces included.
 """
 
 from . import backend, words
-from .sasl import Credentials, SaslError, apop
+from .sasl import GATED_METHODS, Credentials, SaslError, apop
 from .session import Command, Rejected, Session
 
 GREETING = b"+OK POP3 ready"
@@ -16,20 +16,19 @@ INTERNAL_ERROR = b"-ERR internal server error\r\n"
 NO_CERTIFICATE = b"-ERR No required SSL certificate\r\n"
 CERTIFICATE_ERROR = b"-ERR SSL certificate error\r\n"
 INVALID = b"-ERR invalid command\r\n"
+TOO_MANY = b"-ERR too many commands\r\n"      # past max_commands; the connection closes
 OK = b"+OK\r\n"
 CAPA_HEADER = b"+OK Capability list follows\r\n"
 AUTH_HEADER = b"+OK methods supported:\r\n"
 END = b".\r\n"
-# nginx's POP3 command buffer is a fixed 128 bytes (there is no directive):
-# RFC 2449 4 allows 255 octets, but no pre-login command needs more.
-COMMAND_LIMIT = 128
 MAX_ARGUMENTS = 3
 WHOLE_LINE_ARGUMENT = {"USER", "PASS"}  # "USER my user" logs in as "my user"
 SECRETS = {"PASS": words.Secret(),      # what a trace hides (ops/trace.py)
            "APOP": words.Secret(public=1, counts=(2,)),
            "AUTH": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 SASL_ORDER = (("plain", b"PLAIN"), ("plain", b"LOGIN"),   # `plain` enables LOGIN too
-              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"))
+              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"),
+              ("xoauth2", b"XOAUTH2"), ("oauthbearer", b"OAUTHBEARER"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}
 
 
@@ -49,7 +48,7 @@ class Texts:
                      "only": CAPA_HEADER + no_user + b"STLS\r\n" + END}
         self.auth_methods = AUTH_HEADER + b"".join(n + b"\r\n" for n in names) + END
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.pop3_auth
-                                             if m in ("cram-md5", "external")}
+                                             if m in GATED_METHODS}
         self.salted = bool({"apop", "cram-md5"} & config.pop3_auth)
         self.apop = "apop" in config.pop3_auth
 
@@ -76,7 +75,7 @@ class Pop3Session(Session):
             self.send(GREETING + b"\r\n")
 
     def read_command(self):
-        body = words.line_body(self.client.readline(COMMAND_LIMIT))
+        body = words.line_body(self.client.readline(self.command_limit()))
         verb, rest = words.first_word(body)
         if words.has_bare_cr(body) or len(verb) != 4 or not verb.isalpha():
             raise Rejected(INVALID, counted=True)
@@ -117,7 +116,7 @@ class Pop3Session(Session):
                 or (mechanism == "CRAM-MD5" and initial is not None):
             raise Rejected(INVALID)
         try:
-            credentials = self.sasl(mechanism, initial, _continuation, COMMAND_LIMIT)
+            credentials = self.sasl(mechanism, initial, self.command_limit())
         except SaslError:
             raise Rejected(INVALID) from None
         return credentials
@@ -139,10 +138,15 @@ class Pop3Session(Session):
     # ------------------------------------------- shared-frame hooks
 
     def command_limit(self):
-        return COMMAND_LIMIT
+        """`pop3_client_buffer` (freenginx): nginx's POP3 buffer is a fixed
+        128 bytes, too small for an XOAUTH2 token (Office 365's exceed 2,500)."""
+        return self.config.pop3_client_buffer
 
     def invalid_reply(self, command):
         return INVALID
+
+    def too_many_reply(self, command):
+        return TOO_MANY
 
     def too_long_reply(self, head):
         return INVALID
@@ -150,14 +154,18 @@ class Pop3Session(Session):
     def auth_failed_reply(self, reply):
         return b"-ERR " + reply.status.encode("latin-1") + b"\r\n"
 
+    def continuation(self, challenge):
+        return b"+ " + challenge.encode() + b"\r\n"
+
+    def sasl_syntax_reply(self):
+        return INVALID
+
     def back_to_start(self):
         self.user = b""
         super().back_to_start()
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
+        reply = self.auth_reply
         return backend.pop3_login(stream, login, password, self.config.proxy_buffer,
-                                  self.set_step, starttls)
-
-
-def _continuation(challenge):
-    return b"+ " + challenge.encode() + b"\r\n"
+                                  self.set_step, starttls, origin, self.log,
+                                  sasl=reply.backend_auth, address=(reply.server, reply.port))

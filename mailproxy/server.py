@@ -223,10 +223,10 @@ class Worker:
                          for server, logger in zip(config.servers, loggers)]
         self.table = self.status = None
         if single:
-            self.table = metrics.Table(1)
+            self.table = metrics.Table.private()
             self.table.attach(0, os.getpid())
             meter = self.table.meter(0)
-        self.meter = meter or metrics.Meter.unshared()
+        self.meter = meter
 
     # ------------------------------------------------------- sessions
 
@@ -405,7 +405,7 @@ def _peer_host(address):
     return address[0] if address else "unix:"
 
 
-def run_worker(config, sockets, meter=None):
+def run_worker(config, sockets, meter):
     """A worker process under the master: set up as root (logs, keys,
     limits), then drop privileges, then serve the inherited sockets,
     counting into `meter` (its slot of the master's metrics table)."""
@@ -439,13 +439,16 @@ def set_rlimit_nofile(limit, log):
 
 
 def drop_privileges(user):
-    """`user name [group];`: only root can, and must, give its rights away."""
+    """`user name [group];`: only root can, and must, give its rights away:
+    the group, the user's supplementary groups (initgroups, as nginx),
+    then the user."""
     if user is None or os.geteuid() != 0:
         return
     name, group = user
     account = pwd.getpwnam(name)
-    os.setgroups([])
-    os.setgid(grp.getgrnam(group).gr_gid if group else account.pw_gid)
+    gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
+    os.setgid(gid)
+    os.initgroups(name, gid)
     os.setuid(account.pw_uid)
 
 

@@ -19,16 +19,17 @@ never talks to the auth service or the backend.
 
 The shared machinery lives here: the `timeout` deadline for the pre-login
 phase (set on the client Stream, which re-arms the socket's timeout with
-what is left of it before every read and write), the `max_errors` budget,
-SASL exchanges, STARTTLS, and the single place where every exception
-becomes a log line and, if still possible, a reply.
+what is left of it before every read and write, so a client that drips its
+bytes gains no time; SECURITY.md lists the deadline of every phase), the
+`max_errors` budget, the `max_commands` limit, SASL exchanges, STARTTLS,
+and the single place where every exception becomes a log line and, if
+still possible, a reply.
 
 Handlers raise, they do not write error replies: `Rejected(reply)` for a
 refused command, `InternalError` for a failure the client can only be told
 about with the internal-error line.
 """
 
-import itertools
 import logging
 import socket
 import socketserver
@@ -49,7 +50,6 @@ from .tls_context import verify_outcome
 
 QUIT_VERBS = frozenset({"LOGOUT", "QUIT"})     # the client's own goodbye
 RELAY_READ = 65536          # bytes per relay read: see relay_buffers()
-_connections = itertools.count(1)   # nginx's connection number, "*N" in logs
 
 
 class Rejected(Exception):
@@ -84,13 +84,14 @@ class Command:
 class Session(socketserver.BaseRequestHandler):
     """One client connection.  Subclasses set the class attributes below
     and define `read_command`, `greet`, the `do_<VERB>` handlers and the
-    hooks (command_limit, invalid_reply, too_long_reply, auth_failed_reply,
-    backend_login; back_to_start, auth_extra_headers and relay_buffers have
-    defaults).  `route` (server.Route) is the address the client came in
-    on: its `listen` entry and its server{} blocks; `service` is the
-    block's shared, read-only part (server.Service) that serves the
-    session: the address's first, or the one the client's TLS server name
-    picks (serve_as)."""
+    hooks (command_limit, invalid_reply, too_long_reply, too_many_reply,
+    auth_failed_reply, continuation, sasl_syntax_reply, backend_login;
+    back_to_start, auth_extra_headers and relay_buffers have defaults).
+    `route` (server.Route) is the address the client came in on: its
+    `listen` entry and its server{} blocks; `service` is the block's
+    shared, read-only part (server.Service) that serves the session: the
+    address's first, or the one the client's TLS server name picks
+    (serve_as)."""
 
     protocol = ""
     INTERNAL_ERROR = b""
@@ -120,13 +121,16 @@ class Session(socketserver.BaseRequestHandler):
         self.backend_socket = None      # held from before connect(), for abort()
         self.state = "start"
         self.errors = 0
+        self.commands = 0               # command lines read before login (max_commands)
         self.attempt = 0                # logins asked about so far (Auth-Login-Attempt)
         self.quit = False
         self.auth_reply = None
         self.salt = b""
         self.proxy_header = None        # what a PROXY header said (ops/proxy_protocol.py)
+        self.connected_to = None        # a trusted PROXY header's destination (server_address)
         client = self.client_address[0] if self.client_address else "unix:"
-        self.context = LogContext(next(_connections), client, self.listen.name)
+        self.meter = self.server.worker.meter      # the status page's counters
+        self.context = LogContext(self.meter.connection(), client, self.listen.name)
         self.log = SessionLog(self.service.logger, self.context)
         self.started = time.monotonic()
         self.ending = None              # why it ended: one of log.REASONS
@@ -138,7 +142,6 @@ class Session(socketserver.BaseRequestHandler):
             self.client = self.tracer.client_stream(self.client)
         if self.request.family != socket.AF_UNIX:
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.meter = self.server.worker.meter      # the status page's counters
         self.phase = metrics.GREETING
         self.meter.opened(self.protocol)
         self.server.worker.track(self)
@@ -219,12 +222,15 @@ class Session(socketserver.BaseRequestHandler):
 
     def next_command(self):
         """Read and run one command; the credentials it took, if any."""
+        self.commands += 1
         try:
             command = self.read_command()
             self.log.debug("client command %s in %s state", command.verb, self.state)
             handler = self.handlers.get(command.verb)
             if self.tracer:
                 self.tracer.command(command, self.SECRETS.get(command.verb), bool(handler))
+            if self.commands > self.config.max_commands:
+                raise Rejected(self.too_many_reply(command), close=True)
             if handler is None:
                 raise Rejected(self.invalid_reply(command), counted=True)
             if command.verb not in self.STATES[self.state]:
@@ -242,12 +248,18 @@ class Session(socketserver.BaseRequestHandler):
             return None
 
     def reject(self, exc):
-        """Send a refusal; count it if the parser refused (max_errors)."""
+        """Send a refusal; count it if the parser refused (max_errors).
+        Past `max_commands` (freenginx) every refusal ends the session, the
+        parser's own included."""
         if exc.counted:
             self.errors += 1
         self.state = "start"
         self.send(exc.reply)
-        if exc.close:
+        if self.commands > self.config.max_commands:
+            self.log.info("client sent too many commands")
+            self.ended("invalid")
+            self.quit = True
+        elif exc.close:
             self.ended("invalid")
             self.quit = True
         elif exc.counted and self.errors >= self.config.max_errors:
@@ -259,7 +271,12 @@ class Session(socketserver.BaseRequestHandler):
         self.client.write(data)
 
     def send_quietly(self, data):
-        """A last word before closing; the client may already be gone."""
+        """A last word before closing; the client may already be gone, or
+        have stopped reading.  After the auth step the client has no
+        deadline: the word gets a fresh `timeout`, as nginx's
+        ngx_mail_send() arms one for a blocked write."""
+        if self.client.deadline is None:
+            self.client.set_deadline(self.config.timeout)
         try:
             self.client.write(data)
         except (OSError, Closed, TimeoutError):
@@ -291,6 +308,8 @@ class Session(socketserver.BaseRequestHandler):
                            header.source_port, header.destination, header.destination_port)
         self.set_step("in auth state")
         self.proxy_header = header
+        self.connected_to = proxy_protocol.real_server(header, self.client_address,
+                                                       self.config.set_real_ip_from)
         self.client_address = proxy_protocol.real_client(header, self.client_address,
                                                          self.config.set_real_ip_from)
         if self.client_address:
@@ -303,6 +322,17 @@ class Session(socketserver.BaseRequestHandler):
     def client_text(self):
         """The client's address as logs and the auth service see it."""
         return self.context.client
+
+    @property
+    def server_address(self):
+        """The (address, port) the client connected to, for the auth
+        service (Server-IP) and proxy_client_address: a trusted PROXY
+        header's destination, as Client-IP is its source; else the
+        listening socket's; None on a unix-domain listener."""
+        if self.connected_to:
+            return self.connected_to
+        local = self.request.getsockname()
+        return local[:2] if isinstance(local, tuple) else None
 
     def set_login(self, login):
         """The login the logs name (bytes; None: none yet)."""
@@ -389,9 +419,10 @@ class Session(socketserver.BaseRequestHandler):
 
     # ---------------------------------------------------------- SASL
 
-    def sasl(self, mechanism, initial, continuation, limit):
-        """Run a SASL exchange; `continuation(challenge)` makes the protocol's
-        `+ ...` or `334 ...` line.  Returns Credentials; raises SaslError."""
+    def sasl(self, mechanism, initial, limit):
+        """Run a SASL exchange; the `continuation(challenge)` hook makes the
+        protocol's `+ ...` or `334 ...` line.  Returns Credentials; raises
+        SaslError."""
         exchange = EXCHANGES[mechanism](initial, self.salt)
         failed = True
         if self.tracer:
@@ -399,7 +430,7 @@ class Session(socketserver.BaseRequestHandler):
         try:
             challenge = next(exchange)
             while True:
-                self.send(continuation(challenge))
+                self.send(self.continuation(challenge))
                 challenge = exchange.send(self.client.readline(limit))
         except StopIteration as done:
             failed = False
@@ -418,6 +449,15 @@ class Session(socketserver.BaseRequestHandler):
 
     def command_limit(self):
         """The client command buffer size: the longest command accepted."""
+        raise NotImplementedError
+
+    def continuation(self, challenge):
+        """The line that sends a SASL challenge (base64 text) to the client."""
+        raise NotImplementedError
+
+    def sasl_syntax_reply(self):
+        """The reply to a SASL answer that is not base64, after the auth
+        service's Auth-Error-SASL challenge (login.py)."""
         raise NotImplementedError
 
     def back_to_start(self):

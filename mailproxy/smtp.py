@@ -2,7 +2,7 @@
 
 Two kinds of client meet the proxy on SMTP:
 * a mail user agent submitting mail, which authenticates with AUTH
-  (PLAIN, LOGIN, CRAM-MD5, EXTERNAL) before MAIL FROM;
+  (PLAIN, LOGIN, CRAM-MD5, EXTERNAL, XOAUTH2, OAUTHBEARER) before MAIL FROM;
 * with `smtp_auth none`, an MTA delivering mail (MX mode): it never
   authenticates, so its first RCPT TO starts the auth request (method
   `none`), carrying the HELO name, MAIL FROM and RCPT TO lines so the auth
@@ -13,10 +13,10 @@ Before the greeting the client's host name is looked up (ops/resolver.py) and,
 with `smtp_greeting_delay`, a client that talks first is turned away.
 """
 
-from . import backend, words
+from . import backend, backend_sasl, words
 from .auth_http import AuthServiceError
 from .ops.resolver import TEMPUNAVAIL, UNAVAILABLE, HostResolver
-from .sasl import Credentials, SaslError
+from .sasl import GATED_METHODS, Credentials, SaslError
 from .session import Command, Rejected, Session
 
 INTERNAL_ERROR = b"451 4.3.2 Internal server error\r\n"
@@ -25,8 +25,11 @@ CERTIFICATE_ERROR = b"421 4.7.1 SSL certificate error\r\n"
 START_TLS = b"220 2.0.0 Start TLS\r\n"
 INVALID = b"500 5.5.1 Invalid command\r\n"
 INVALID_ARGUMENT = b"501 5.5.4 Invalid argument\r\n"
+BAD_BASE64 = b"501 5.5.2 Cannot decode response\r\n"    # RFC 4954 4
 BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands\r\n"
 AUTH_REQUIRED = b"530 5.7.1 Authentication required\r\n"
+STARTTLS_FIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"   # RFC 3207 4
+TOO_MANY = b"554 5.7.0 Too many commands\r\n"     # past max_commands; the connection closes
 PIPELINING_REJECT = b"503 5.5.0 Improper use of SMTP command pipelining\r\n"
 OK = b"250 2.0.0 OK\r\n"
 BYE = b"221 2.0.0 Bye\r\n"
@@ -36,7 +39,8 @@ MAX_ARGUMENTS = 11                      # nginx's SMTP parser limit
 # What a trace hides (ops/trace.py): everything after the mechanism.
 SECRETS = {"AUTH": words.Secret(public=1, counts=(1, 2), mechanism=True)}
 SASL_ORDER = (("plain", b"PLAIN"), ("login", b"LOGIN"),
-              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"))
+              ("cram-md5", b"CRAM-MD5"), ("external", b"EXTERNAL"),
+              ("xoauth2", b"XOAUTH2"), ("oauthbearer", b"OAUTHBEARER"))
 ALWAYS_ACCEPTED = {"PLAIN", "LOGIN"}
 
 
@@ -59,7 +63,7 @@ class Texts:
                      "on": multiline(b"250", lines + [b"STARTTLS"]),
                      "only": multiline(b"250", [name] + caps + [b"STARTTLS"])}
         self.mechanisms = ALWAYS_ACCEPTED | {m.upper() for m in config.smtp_auth
-                                             if m in ("cram-md5", "external")}
+                                             if m in GATED_METHODS}
         self.mx_mode = "none" in config.smtp_auth
         self.resolver = HostResolver(config.resolver, config.resolver_timeout) \
             if config.resolver else None
@@ -73,9 +77,9 @@ class SmtpSession(Session):
     NO_CERTIFICATE = NO_CERTIFICATE
     CERTIFICATE_ERROR = CERTIFICATE_ERROR
     SECRETS = SECRETS
-    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # not MAIL/RCPT in MX mode, as nginx
-    STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "RSET", "NOOP", "QUIT",
-                        "VRFY", "EXPN", "HELP", "STARTTLS"}}
+    BLOCKED_BEFORE_TLS = frozenset({"AUTH"})   # MX mode's MAIL/RCPT/DATA: mx_clear_text()
+    STATES = {"start": {"HELO", "EHLO", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
+                        "QUIT", "VRFY", "EXPN", "HELP", "STARTTLS"}}
     prepare = Texts
     needs_backend_password = False      # XCLIENT needs none; AUTH to the backend checks
     helo_verb = b""                     # HELO or EHLO, as the client last said it
@@ -149,12 +153,13 @@ class SmtpSession(Session):
         if mechanism == "CRAM-MD5":
             self.new_salt()
         try:
-            credentials = self.sasl(mechanism, initial, _continuation, self.command_limit())
+            credentials = self.sasl(mechanism, initial, self.command_limit())
         except SaslError:
             raise Rejected(INVALID) from None
         return credentials
 
     def do_MAIL(self, command):
+        self.mx_clear_text()
         if not self.service.texts.mx_mode:
             self.log.info("client was rejected: authentication required")
             raise Rejected(AUTH_REQUIRED)
@@ -167,12 +172,28 @@ class SmtpSession(Session):
         self.send(OK)               # (CVE-2025-53859)
 
     def do_RCPT(self, command):
+        self.mx_clear_text()
         if not self.mail_from:
             raise Rejected(BAD_SEQUENCE)
         if not command.args:
             raise Rejected(INVALID_ARGUMENT)
         self.rcpt_to = command.line
         return Credentials("none", b"")
+
+    def do_DATA(self, command):
+        """DATA never comes before the relay: an invalid command (counted,
+        as any unknown verb in nginx), or with `starttls only` in MX mode
+        the request to start TLS first."""
+        self.mx_clear_text()
+        raise Rejected(INVALID, counted=True)
+
+    def mx_clear_text(self):
+        """`starttls only` in MX mode (beyond nginx, which accepts mail in
+        clear text there): MAIL, RCPT and DATA wait for STARTTLS (RFC 3207
+        4; `mailproxy -t` warns that a public MX must not require it)."""
+        if self.service.texts.mx_mode and self.tls_mode == "only":
+            self.log.info("client was rejected: STARTTLS required")
+            raise Rejected(STARTTLS_FIRST)
 
     def do_RSET(self, command):
         self.mail_from = self.rcpt_to = b""
@@ -204,12 +225,21 @@ class SmtpSession(Session):
     def invalid_reply(self, command):
         return INVALID
 
+    def too_many_reply(self, command):
+        return TOO_MANY
+
     def too_long_reply(self, head):
         return INVALID
 
     def auth_failed_reply(self, reply):
         code = reply.error_code or DEFAULT_ERROR_CODE
         return code.encode("latin-1") + b" " + reply.status.encode("latin-1") + b"\r\n"
+
+    def continuation(self, challenge):
+        return b"334 " + challenge.encode() + b"\r\n"
+
+    def sasl_syntax_reply(self):
+        return BAD_BASE64
 
     def back_to_start(self):
         """HELO and MAIL are kept (spec 2.5); the refused RCPT is not, so a
@@ -225,7 +255,9 @@ class SmtpSession(Session):
                         ("Auth-SMTP-To", self.rcpt_to.decode("latin-1"))]
         return tuple(headers)
 
-    def backend_login(self, stream, login, password, starttls=None):
+    def backend_login(self, stream, login, password, starttls=None, origin=None):
+        """`origin` (proxy_client_address) is IMAP's and POP3's: an SMTP
+        backend learns the client's address from XCLIENT."""
         plan = backend.SmtpPlan(
             server_name=self.config.server_name.encode(),
             ehlo=self.esmtp or self.config.xclient,
@@ -233,20 +265,22 @@ class SmtpSession(Session):
             client_ip=self.client_text, client_host=self.host.encode(),
             login=login, password=password,
             helo=(self.helo_verb, self.helo) if self.helo_verb else None,
-            auth=self.backend_auth(),
+            auth=self.backend_auth(), backend=(self.auth_reply.server, self.auth_reply.port),
             mail_from=self.mail_from if self.rcpt_to else b"", rcpt_to=self.rcpt_to)
         reply = backend.smtp_login(stream, plan, self.config.proxy_buffer, self.set_step,
                                    starttls)
         return reply if self.rcpt_to else AUTH_OK
 
     def backend_auth(self):
-        """How to authenticate to the backend: "plain", "login" or None.
-        The auth service may choose per session (Auth-SMTP-Auth, beyond nginx)."""
-        choice = self.auth_reply.header("Auth-SMTP-Auth") if self.auth_reply else None
-        if choice is None:
-            choice = self.config.proxy_smtp_auth
+        """How to authenticate to the backend: a backend_sasl.MECHANISMS
+        name or None.  The auth service may choose per session (beyond
+        nginx): Auth-Backend-Auth, else the older Auth-SMTP-Auth, else
+        `proxy_smtp_auth` decides."""
+        reply = self.auth_reply
+        choice = reply.backend_auth or reply.header("Auth-SMTP-Auth") or \
+            self.config.proxy_smtp_auth
         choice = {"on": "plain", "off": None, "none": None}.get(choice.lower(), choice.lower())
-        if choice not in (None, "plain", "login"):
+        if choice is not None and choice not in backend_sasl.MECHANISMS:
             raise AuthServiceError(f'auth http server sent invalid Auth-SMTP-Auth "{choice}"')
         return choice
 
@@ -255,7 +289,3 @@ def multiline(code, lines):
     """An SMTP multi-line reply: `250-a`, `250-b`, `250 c` (RFC 5321 4.2.1)."""
     return b"".join(code + (b" " if i == len(lines) - 1 else b"-") + line + b"\r\n"
                     for i, line in enumerate(lines))
-
-
-def _continuation(challenge):
-    return b"334 " + challenge.encode() + b"\r\n"

@@ -30,7 +30,8 @@ LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}")           # RFC 3501 9, RFC 7888
 LITERAL_AT_END = re.compile(rb"\{(\d+)(\+?)\}$")
 # The SASL mechanisms a client may name (sasl.EXCHANGES): only these are
 # shown in a trace; any other "mechanism" may be a credential in disguise.
-MECHANISMS = frozenset({b"PLAIN", b"LOGIN", b"CRAM-MD5", b"EXTERNAL"})
+MECHANISMS = frozenset({b"PLAIN", b"LOGIN", b"CRAM-MD5", b"EXTERNAL", b"XOAUTH2",
+                        b"OAUTHBEARER"})
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,23 @@ fail under CI (``CI=true``), where .ci/run is meant to have installed it.
 import pytest
 
 import peers
+from mailproxy import server
+from mailproxy.reference import demo_backends
 from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedAuthService, ScriptedBackend, ok
 
 # Test accounts on the Dovecot backend; ann's password has spaces on purpose
 # (IMAP must quote it, POP3 sends it as the rest of the PASS line).
 USERS = {'joe': 'secret', 'ann': 'pa ss word'}
+
+# A proxy served in this process (harness.RunningProxy) stops each listener
+# in turn, and each waits for its serve_forever to look for shutdown(): up to
+# server.POLL_INTERVAL (0.2 s) per listener, ~0.2 s of every test's teardown,
+# about a third of the suite.  The tests check what a stop does, not how
+# often a listener looks; processes started by the tests keep the 0.2 s.
+server.POLL_INTERVAL = 0.01
+# The same for the demo backends served in this process (test_conf_styles):
+# close() stops its three servers in turn, each after up to 0.1 s.
+demo_backends.POLL_INTERVAL = 0.01
 
 
 def _started(peer):

@@ -51,6 +51,17 @@ class Hang:
         return f'Hang({self.seconds})'
 
 
+class Trickle:
+    """Auth reply: write *data* a byte at a time, *gap* seconds apart,
+    then close (or stop when the proxy has gone)."""
+
+    def __init__(self, data, gap):
+        self.data, self.gap = data, gap
+
+    def __repr__(self):
+        return f'Trickle({len(self.data)} bytes, {self.gap}s apart)'
+
+
 @dataclass
 class AuthRequest:
     """One request as the auth service received it.
@@ -113,6 +124,7 @@ class ScriptedAuthService:
     * bytes: written verbatim, then the connection is closed (garbage,
       oversized or malformed headers, a reply without its blank line);
     * ``Hang(seconds)``: no reply at all, then close;
+    * ``Trickle(data, gap)``: the bytes one at a time, then close;
     * a callable ``f(request) -> reply`` for sequences (see `sequence`).
 
     Header replies use the request's HTTP version and carry
@@ -175,6 +187,7 @@ class ScriptedAuthService:
     def close(self):
         """Stop serving, cut open connections, join every thread."""
         self._closing.set()
+        _wake(self._server.socket)        # serve_forever's wait ends now, not at ACCEPT_POLL
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(JOIN_TIMEOUT)
@@ -256,6 +269,15 @@ class _AuthHandler(socketserver.StreamRequestHandler):
         if isinstance(reply, Hang):
             closing.wait(reply.seconds)
             return False
+        if isinstance(reply, Trickle):
+            for byte in reply.data:
+                if closing.wait(reply.gap):
+                    return False
+                try:
+                    self.wfile.write(bytes((byte,)))
+                except OSError:         # the proxy gave up on us
+                    return False
+            return False
         if isinstance(reply, bytes):
             self.wfile.write(reply)
             return False
@@ -302,6 +324,11 @@ class ScriptedBackend:
     ``('expect', bytes)``    read a line (if the bytes end in LF) or as many
                              bytes as given, and stop with an error unless
                              they are equal;
+    ``('expect_tagged', bytes)``  read an IMAP command line whose tag the
+                             client chose (imaplib's are random): the rest
+                             of the line must equal the bytes, the tag is
+                             kept for ``send_tagged``;
+    ``('send_tagged', bytes)``  write the kept tag, a space and the bytes;
     ``('recv_line',)``       read one line;
     ``('recv', n)``          read exactly n bytes;
     ``('sleep', seconds)``   wait (cut short by close());
@@ -367,6 +394,7 @@ class ScriptedBackend:
     def close(self):
         """Stop accepting, cut open connections, join every thread."""
         self._closing.set()
+        _wake(self._listener)             # accept() fails now, not at ACCEPT_POLL
         self._acceptor.join(JOIN_TIMEOUT)
         self._listener.close()
         self._threads.close_all()
@@ -399,6 +427,7 @@ class _ScriptRun:
 
     def __init__(self, sock, reader, record, closing):
         self.sock, self.reader, self.record, self.closing = sock, reader, record, closing
+        self.tag = b'*'             # the last expect_tagged's
 
     def run(self, steps):
         try:
@@ -417,6 +446,16 @@ class _ScriptRun:
         if got != expected:
             self.record.error = f'expected {expected!r}, got {got!r}'
             return False
+
+    def step_expect_tagged(self, expected):
+        tag, _, rest = self._read_line().partition(b' ')
+        self.tag = tag
+        if rest != expected:
+            self.record.error = f'expected {expected!r} after a tag, got {rest!r}'
+            return False
+
+    def step_send_tagged(self, data):
+        self.sock.sendall(self.tag + b' ' + data)
 
     def step_recv_line(self):
         self._read_line()
@@ -531,6 +570,15 @@ def _format_reply(version, status, headers, keep_alive):
     reply_version = 'HTTP/1.1' if version == 'HTTP/1.1' else 'HTTP/1.0'
     lines = [f'{reply_version} {status}'] + [f'{n}: {v}' for n, v in pairs]
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+
+
+def _wake(listener):
+    """Shut a listening socket down: on Linux a thread waiting in accept()
+    or select() on it wakes at once (accept fails with EINVAL)."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _wait_for(condition, timeout, what, result):

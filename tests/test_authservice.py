@@ -79,13 +79,15 @@ def service(users_path):
 
 def ask(address, **headers):
     """GET /auth with `headers` (Auth_User -> Auth-User, values str or raw
-    bytes), as the proxy sends it; the reply's Auth-* headers, in order."""
+    bytes, or a list of them for a header sent once per item), as the proxy
+    sends it; the reply's Auth-* headers, in order."""
     connection = http.client.HTTPConnection(*address[:2], timeout=10)
     try:
         connection.putrequest("GET", "/auth", skip_host=True, skip_accept_encoding=True)
         connection.putheader("Host", "127.0.0.1")
-        for name, value in headers.items():
-            connection.putheader(name.replace("_", "-"), value)
+        for name, values in headers.items():
+            for value in values if isinstance(values, list) else [values]:
+                connection.putheader(name.replace("_", "-"), value)
         connection.endheaders()
         response = connection.getresponse()
         assert response.read() == b""
@@ -97,13 +99,15 @@ def ask(address, **headers):
 
 
 def login(service, user="joe", password="secret", method="plain", protocol="imap",
-          attempt=1, client="127.0.0.1", salt=None):
+          attempt=1, client="127.0.0.1", salt=None, failed=()):
     """The request of a client login, in nginx's header order.  `user` and
     `password` are given as on the wire (%XX-escaped)."""
     headers = {"Auth_Method": method, "Auth_User": user, "Auth_Pass": password}
     if salt is not None:
         headers["Auth_Salt"] = salt
     headers.update(Auth_Protocol=protocol, Auth_Login_Attempt=str(attempt), Client_IP=client)
+    if failed:
+        headers["Auth_Backend_Failed"] = list(failed)
     return ask(service.server_address, **headers)
 
 
@@ -126,6 +130,27 @@ def refused(wait="1"):
 def test_plain_login_gets_the_backend_and_no_password(service):
     """The proxy already has the password the client typed."""
     assert login(service) == OK_JOE_IMAP
+
+
+def test_a_failed_backend_makes_way_for_the_next_of_the_users_list(tmp_path):
+    """proxy_backend_tries: the proxy asks again with Auth-Backend-Failed
+    (IPv6 as [addr]:port); with none left, a temporary failure."""
+    path = tmp_path / "users.conf"
+    path.write_text("joe {PLAIN}secret smtp=127.0.0.1:1025,[::1]:2025,127.0.0.1:3025\n")
+    with reference_auth_service(path, POLL) as service:
+        def backend(*failed):
+            return login(service, protocol="smtp", failed=failed)[1:3]
+        assert backend() == [("Auth-Server", "127.0.0.1"), ("Auth-Port", "1025")]
+        assert backend("127.0.0.1:1025") == [("Auth-Server", "::1"), ("Auth-Port", "2025")]
+        assert backend("127.0.0.1:1025", "[::1]:2025") == \
+            [("Auth-Server", "127.0.0.1"), ("Auth-Port", "3025")]
+        assert login(service, protocol="smtp", failed=(
+            "127.0.0.1:1025", "[::1]:2025", "127.0.0.1:3025")) == \
+            [("Auth-Status", authservice.UNAVAILABLE), ("Auth-Error-Code", "454 4.7.0")]
+        assert ask(service.server_address, Auth_Method="none", Auth_User="", Auth_Pass="",
+                   Auth_Protocol="smtp", Auth_SMTP_To="RCPT TO:<joe@example.org>",
+                   Auth_Backend_Failed=["127.0.0.1:1025"])[1:3] == \
+            [("Auth-Server", "::1"), ("Auth-Port", "2025")]       # MX mode too
 
 
 @pytest.mark.parametrize("protocol, port", [("pop3", "1110"), ("smtp", "1025")])
@@ -280,8 +305,8 @@ def test_users_file_comments_backends_and_auth_user(users_path, ann_secret):
     assert sorted(users) == ["ann", "joe", "jörg", "pct"]
     assert users["joe"].secret == "{PLAIN}secret"
     assert users["joe"].clear_text == "secret"
-    assert users["joe"].backends == {"imap": ("127.0.0.1", 1143), "pop3": ("127.0.0.1", 1110),
-                                     "smtp": ("127.0.0.1", 1025)}
+    assert users["joe"].backends == {"imap": [("127.0.0.1", 1143)],
+                                     "pop3": [("127.0.0.1", 1110)], "smtp": [("127.0.0.1", 1025)]}
     assert users["joe"].backend_login is None
     assert users["ann"].secret == ann_secret and users["ann"].clear_text is None
     assert users["ann"].backend_login == "ann@example.org"
@@ -290,9 +315,10 @@ def test_users_file_comments_backends_and_auth_user(users_path, ann_secret):
 
 def test_ipv6_backend_and_a_user_without_backends(tmp_path):
     path = tmp_path / "users.conf"
-    path.write_text("v6 {PLAIN}x imap=[::1]:143 pop3=::1:110\nidle {PLAIN}y\n")
+    path.write_text("v6 {PLAIN}x imap=[::1]:143,127.0.0.1:143 pop3=::1:110\nidle {PLAIN}y\n")
     users = parse_users(path)
-    assert users["v6"].backends == {"imap": ("::1", 143), "pop3": ("::1", 110)}
+    assert users["v6"].backends == {"imap": [("::1", 143), ("127.0.0.1", 143)],
+                                    "pop3": [("::1", 110)]}
     assert users["idle"].backends == {}
 
 
@@ -303,6 +329,13 @@ def test_ipv6_backend_and_a_user_without_backends(tmp_path):
     ("joe {PLAIN}s3cr3t imap=127.0.0.1:", "bad backend '127.0.0.1:'"),
     ("joe {PLAIN}s3cr3t imap=127.0.0.1:65536", "bad backend '127.0.0.1:65536'"),
     ("joe {PLAIN}s3cr3t imap=127.0.0.1:\N{SUPERSCRIPT TWO}", "bad backend"),
+    ("joe {PLAIN}s3cr3t imap=127.0.0.1:143, ", "bad backend ''"),
+    ("joe {PLAIN}s3cr3t token-url=https://t.test client-id=c refresh-token=r",
+     "OAuth account without client-secret"),
+    ("joe {PLAIN}s3cr3t token-url=ftp://t.test client-id=c client-secret=s refresh-token=r",
+     "token-url is not an http(s) URL: 'ftp://t.test'"),
+    ("joe {PLAIN}s3cr3t token-url=https://t.test client-id=c client-secret=s refresh-token=r "
+     "backend-auth=plain", "backend-auth must be one of xoauth2, oauthbearer"),
     ("joe {PLAIN}s3cr3t imap=localhost:143", "bad backend 'localhost:143': expected IP:PORT"),
     ("joe {PLAIN}s3cr3t ldap=127.0.0.1:389", "unknown key 'ldap'"),
     ("joe s3cr3t imap=127.0.0.1:143", "unknown password scheme"),
@@ -432,7 +465,7 @@ def test_cli_passwd_writes_a_scrypt_hash(users_path):
     joe = parse_users(users_path)["joe"]
     assert joe.secret.startswith("{SCRYPT}16384$8$1$")
     assert authservice.check_password(joe, b"n3w")
-    assert joe.backends["pop3"] == ("127.0.0.1", 1110)
+    assert joe.backends["pop3"] == [("127.0.0.1", 1110)]
 
 
 def test_cli_passwd_plain_for_digest_users(tmp_path):
@@ -523,3 +556,42 @@ def test_the_failure_table_forgets_the_oldest_addresses(service, monkeypatch):
         service.failures.add(f"10.2.{number // 250}.{number % 250}")
     assert len(service.failures.recent) <= 100
     assert "10.2.1.249" in service.failures.recent        # the newest are kept
+
+
+# ------------------------------------------- bearer tokens (XOAUTH2, OAUTHBEARER)
+
+BEARER_USERS = """\
+tom  {PLAIN}backend-pw  imap=127.0.0.1:5143 smtp=127.0.0.1:5025 bearer=ya29.tom-token
+sue  {PLAIN}pw  imap=127.0.0.1:6143
+"""
+
+
+@pytest.fixture
+def bearer_service(tmp_path):
+    path = tmp_path / "users.conf"
+    path.write_text(BEARER_USERS)
+    with reference_auth_service(path, POLL) as service:
+        yield service
+
+
+@pytest.mark.parametrize("method", ["xoauth2", "oauthbearer"])
+def test_a_bearer_token_from_the_users_file_admits_with_the_backend_password(bearer_service,
+                                                                           method):
+    assert login(bearer_service, "tom", "ya29.tom-token", method=method) == [
+        ("Auth-Status", "OK"), ("Auth-Server", "127.0.0.1"), ("Auth-Port", "5143"),
+        ("Auth-Pass", "backend-pw")]
+
+
+@pytest.mark.parametrize("user, token, method", [
+    ("tom", "ya29.wrong", "xoauth2"), ("tom", "backend-pw", "oauthbearer"),
+    ("sue", "pw", "xoauth2"), ("nobody", "ya29.tom-token", "oauthbearer")],
+    ids=["wrong token", "the password is no token", "no bearer= key", "unknown user"])
+def test_a_refused_token_gets_an_auth_error_sasl_challenge(bearer_service, user, token, method):
+    assert login(bearer_service, user, token, method=method) == refused() + [
+        ("Auth-Error-SASL", authservice.BEARER_ERROR)]
+    assert base64.b64decode(authservice.BEARER_ERROR) == \
+        b'{"status":"invalid_token","schemes":"bearer"}'
+
+
+def test_a_bearer_token_is_no_password(bearer_service):
+    assert login(bearer_service, "tom", "ya29.tom-token") == refused()

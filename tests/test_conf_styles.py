@@ -191,7 +191,8 @@ class Services:
                          f"pop3=127.0.0.1:{self.backends.pop3_port} "
                          f"smtp=127.0.0.1:{self.backends.smtp_port}\n")
         self.auth = AuthService(("127.0.0.1", 0), str(users))
-        self.thread = threading.Thread(target=self.auth.serve_forever, name="auth service")
+        self.thread = threading.Thread(target=self.auth.serve_forever, args=(0.01,),
+                                       name="auth service")     # close() waits one poll
         self.thread.start()
 
     @property

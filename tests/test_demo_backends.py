@@ -104,6 +104,23 @@ def test_imap_greets_with_its_capabilities(backends):
     raw.close()
 
 
+def test_imap_id_names_the_client_a_proxy_reports(backends):
+    """RFC 2971 with Dovecot's x-originating-* fields, as mailproxy's
+    proxy_client_address sends them; without them, the peer's address."""
+    raw = Raw(backends.imap_port)
+    raw.line()
+    raw.send(b"a ID NIL\r\n")
+    assert raw.until(b"a ") == [b'* ID ("name" "mailproxy demo" "client" "127.0.0.1:%d")\r\n'
+                                % raw.sock.getsockname()[1], b"a OK ID completed\r\n"]
+    raw.send(b'b ID ("x-originating-ip" "192.0.2.7" "x-originating-port" "4242" '
+             b'"x-session-id" "9")\r\nc ID NIL\r\nd ID (\"odd\")\r\n')
+    assert raw.until(b"d ") == [b'* ID ("name" "mailproxy demo" "client" "192.0.2.7:4242")\r\n',
+                                b"b OK ID completed\r\n",
+                                b'* ID ("name" "mailproxy demo" "client" "192.0.2.7:4242")\r\n',
+                                b"c OK ID completed\r\n", b"d BAD syntax error\r\n"]
+    raw.close()
+
+
 def test_imap_login_with_literals_exactly_as_the_proxy_sends_it(backends):
     raw = Raw(backends.imap_port)
     raw.line()

@@ -114,6 +114,7 @@ def test_login_request_carries_nginx_headers_in_order(start, auth):
     with greeted(proxy) as client:
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == b"a NO Invalid login or password\r\n"
+        client_port = client.sock.getsockname()[1]
     [request] = auth.requests
     assert request.raw.startswith(b"GET /auth HTTP/1.1\r\n")     # keep-alive: beyond nginx
     assert header_lines(request) == ["Host: 127.0.0.1",
@@ -123,6 +124,9 @@ def test_login_request_carries_nginx_headers_in_order(start, auth):
                                      "Auth-Protocol: imap",
                                      "Auth-Login-Attempt: 1",
                                      "Client-IP: 127.0.0.1",
+                                     f"Client-Port: {client_port}",     # beyond nginx:
+                                     "Server-IP: 127.0.0.1",            # the three after
+                                     f"Server-Port: {proxy.port}",      # nginx's own
                                      "X-Secret: s3 cr3t"]
 
 
@@ -139,13 +143,15 @@ def test_user_and_password_are_escaped(start, auth):
 
 
 def test_cram_md5_request_has_salt_and_digest(start, auth):
-    with greeted(start("imap_auth cram-md5;", auth=auth.url)) as client:
+    proxy = start("imap_auth cram-md5;", auth=auth.url)
+    with greeted(proxy) as client:
         client.send(b"a AUTHENTICATE CRAM-MD5\r\n")
         challenge = client.line()
         salt = base64.b64decode(challenge[2:-2])
         digest = hmac.new(b"secret", salt, hashlib.md5).hexdigest()
         client.send(b64(b"joe " + digest.encode()) + b"\r\n")
         assert client.line() == b"a NO Invalid login or password\r\n"
+        client_port = client.sock.getsockname()[1]
     assert header_lines(auth.requests[0]) == ["Host: 127.0.0.1",
                                               "Auth-Method: cram-md5",
                                               "Auth-User: joe",
@@ -153,7 +159,10 @@ def test_cram_md5_request_has_salt_and_digest(start, auth):
                                               f"Auth-Salt: {salt.decode()}",
                                               "Auth-Protocol: imap",
                                               "Auth-Login-Attempt: 1",
-                                              "Client-IP: 127.0.0.1"]
+                                              "Client-IP: 127.0.0.1",
+                                              f"Client-Port: {client_port}",
+                                              "Server-IP: 127.0.0.1",
+                                              f"Server-Port: {proxy.port}"]
 
 
 def test_refusal_is_a_tagged_no_then_close(start, auth):
@@ -193,10 +202,10 @@ def test_commands_sent_during_auth_wait_are_answered_after_it(start, auth):
 def test_timeout_is_rearmed_after_auth_wait(start, auth):
     """Spec 2.5: after the delayed refusal the client has a new `timeout`."""
     auth.reply = fakes.fail("Invalid login or password", wait=1)
-    with greeted(start("timeout 1s;", auth=auth.url)) as client:
-        time.sleep(0.6)
+    with greeted(start("timeout 500ms;", auth=auth.url)) as client:
+        time.sleep(0.3)
         client.send(b"a LOGIN joe wrong\r\n")
-        assert client.line() == b"a NO Invalid login or password\r\n"   # 1.6 s in
+        assert client.line() == b"a NO Invalid login or password\r\n"   # 1.3 s in
         client.send(b"b NOOP\r\n")
         assert client.line() == ok(b"b")
         assert client.closed()
@@ -574,13 +583,13 @@ def test_backend_closing_ends_the_session(through):
 
 
 def test_proxy_timeout_ends_an_idle_relay(through):
-    proxy, fake = through(login_steps() + [("sleep", 5)], "proxy_timeout 1s;")
+    proxy, fake = through(login_steps() + [("sleep", 5)], "proxy_timeout 500ms;")
     with greeted(proxy) as client:
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == BACKEND_OK
         began = time.monotonic()
         assert client.closed()
-        assert 0.8 < time.monotonic() - began < 3
+        assert 0.4 < time.monotonic() - began < 3
     proxy.wait_log("closed by timeout")
 
 
@@ -589,7 +598,7 @@ def test_relay_traffic_keeps_the_session_alive(through):
     with greeted(proxy) as client:
         client.send(b"a LOGIN joe secret\r\n")
         assert client.line() == BACKEND_OK
-        for number in range(6):
+        for number in range(4):             # 1.2 s in all, past proxy_timeout
             time.sleep(0.3)
             client.send(b"t%d NOOP\r\n" % number)
             assert client.line() == b"t%d NOOP\r\n" % number
@@ -749,22 +758,6 @@ def test_fast_stop_cuts_a_backend_connect_in_progress(start, auth):
         for filler in fillers:
             filler.close()
     assert "closed by stop" in proxy.log()
-
-
-def test_a_backend_that_drips_its_greeting_is_cut_at_timeout(through):
-    """One deadline for the whole backend login (spec 4.1): a greeting that
-    arrives a byte every 0.3 s never re-arms it, so `timeout 2s` ends the
-    login with the internal-error line long before the 6 s drip is over."""
-    drip = [("send", b"* OK ")]
-    for byte in b"Dovecot ready, slowly\r\n":
-        drip += [("sleep", 0.3), ("send", bytes([byte]))]
-    proxy, fake = through(drip, settings="timeout 2s;")
-    with greeted(proxy) as client:
-        client.send(b"a LOGIN joe secret\r\n")
-        assert client.line() == INTERNAL_ERROR
-        assert client.closed()
-    assert "upstream timed out" in proxy.log()
-    assert "sending login command to upstream" not in proxy.log()
 
 
 def test_fast_stop_cuts_an_auth_wait(start, auth):

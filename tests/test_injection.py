@@ -70,7 +70,8 @@ def test_crlf_and_nul_in_an_imap_login_are_escaped_in_the_auth_request(
     assert request.header("Auth-User") == "joe%0D%0AAuth-Status:%20OK%0D%0A%00%20%2541"
     assert request.header("Auth-Pass") == "pw%0D%0AAuth-Server:%2010.0.0.1%0D%0A%00%20%25"
     assert wire_headers(request) == [b"Host", b"Auth-Method", b"Auth-User", b"Auth-Pass",
-                                     b"Auth-Protocol", b"Auth-Login-Attempt", b"Client-IP"]
+                                     b"Auth-Protocol", b"Auth-Login-Attempt", b"Client-IP",
+                                     b"Client-Port", b"Server-IP", b"Server-Port"]
     assert b"\0" not in request.raw
 
 

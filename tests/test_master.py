@@ -5,9 +5,11 @@ workers.  These tests watch the process tree in /proc, kill a worker and
 see it replaced, reload with a changed capability list while an IMAP
 session relays (no byte lost), reload with a broken config (the old one
 keeps serving), stop gracefully with a session open, and reopen logs on
-SIGUSR1 after the log file was moved.
+SIGUSR1 after the log file was moved; as root with `user nobody`, also with
+`worker_processes 1` (a master and one worker), the sessions run as nobody.
 """
 
+import grp
 import hashlib
 import os
 import pwd
@@ -25,7 +27,7 @@ from harness import Client, free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = """\
-{top}worker_processes 2;
+{top}worker_processes {workers};
 error_log {log} info;
 pid {pid};
 mail {{
@@ -38,8 +40,8 @@ mail {{
 class Master:
     """`python mailproxy.py -c CONF` with two workers, and its children."""
 
-    def __init__(self, tmp_path, auth_url, caps="IMAP4rev1 FIRST", top=""):
-        self.tmp, self.top = tmp_path, top
+    def __init__(self, tmp_path, auth_url, caps="IMAP4rev1 FIRST", top="", workers=2):
+        self.tmp, self.top, self.count = tmp_path, top, workers
         self.port = free_port()
         self.log_path = tmp_path / "error.log"
         self.pid_path = tmp_path / "mailproxy.pid"
@@ -48,12 +50,14 @@ class Master:
         self.write(caps)
         self.process = subprocess.Popen([sys.executable, "mailproxy.py", "-c", str(self.conf)],
                                         cwd=ROOT, stderr=subprocess.PIPE)
-        assert wait_until(lambda: len(self.workers()) == 2 and self.accepts(), timeout=10), \
+        assert wait_until(lambda: len(self.workers()) == workers and self.accepts(),
+                          timeout=10), \
             self.log()
 
     def write(self, caps):
-        self.conf.write_text(CONFIG.format(top=self.top, log=self.log_path, pid=self.pid_path,
-                                           auth=self.auth, port=self.port, caps=caps))
+        self.conf.write_text(CONFIG.format(top=self.top, workers=self.count, log=self.log_path,
+                                           pid=self.pid_path, auth=self.auth, port=self.port,
+                                           caps=caps))
 
     def workers(self):
         children = f"/proc/{self.process.pid}/task/{self.process.pid}/children"
@@ -247,15 +251,31 @@ def test_usr1_reopens_the_log_after_it_was_moved(master):
     assert "reopening logs" in moved.read_text()
 
 
+def ids(pid):
+    """The real uid and gid of a process."""
+    with open(f"/proc/{pid}/status") as file:
+        fields = dict(line.split(":", 1) for line in file)
+    return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="workers run as another user only under root")
-def test_usr1_gives_the_reopened_log_to_the_worker_user(echo_peers):
-    """With `user nobody`, the master recreates error.log as root and gives
-    it to nobody before the workers reopen it, as nginx's master does."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_usr1_gives_the_reopened_log_to_the_worker_user(echo_peers, workers):
+    """With `user nobody nogroup`, sessions run as nobody, even with
+    `worker_processes 1` (as nginx, a master and one worker); the master
+    recreates error.log as root on SIGUSR1 and gives it to nobody before
+    the workers reopen it, as nginx's master does."""
     folder = Path(tempfile.mkdtemp(prefix="mp-user-", dir="/tmp"))
     folder.chmod(0o755)                 # the workers (nobody) must reach the file
     auth, _ = echo_peers
-    running = Master(folder, auth.url[len("http://"):], top="user nobody nogroup;\n")
+    running = Master(folder, auth.url[len("http://"):], top="user nobody nogroup;\n",
+                     workers=workers)
     try:
+        nobody = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+        # A worker drops root once it has set up, a moment after the fork.
+        assert wait_until(lambda: [ids(pid) for pid in running.workers()] == [nobody] * workers,
+                          timeout=10), [ids(pid) for pid in running.workers()]
+        assert ids(running.process.pid) == (0, 0)
         moved = folder / "error.log.1"
         os.rename(running.log_path, moved)
         running.signal(signal.SIGUSR1)

@@ -52,7 +52,7 @@ pytest_plugins = ("certs",)
 
 LOOPBACK = "127.0.0.1"
 SESSIONS = 50                   # concurrent sessions per case
-SIZE = 2 * 1024 * 1024          # bytes each way per session: SIZE .. 1.5 * SIZE
+SIZE = 1024 * 1024              # bytes each way per session: SIZE .. 1.5 * SIZE
 HOLDBACK = 4                    # the held-back tail is 1/HOLDBACK of a payload
 CHUNK = 65536                   # bytes per generated chunk, send and recv
 IO_TIMEOUT = 30                 # seconds any one blocking step may take
@@ -104,15 +104,6 @@ def payload(seed, size):
             count -= step
             yield rng.randbytes(step)
     return chunks(size - tail_size), chunks(tail_size)
-
-
-def expected_digest(seed, size):
-    head, tail = payload(seed, size)
-    digest = hashlib.sha256()
-    for part in (head, tail):
-        for chunk in part:
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe(exc):
@@ -518,18 +509,18 @@ def problems(session_plans, clients, backend_results, tls):
             found.append(f"session {plan.index} ({plan.order}): client error {client.error!r}, "
                          f"backend error {server.error!r}; client {client}, backend {server}")
             continue
-        c_sha = expected_digest(plan.client_seed(), plan.client_size)
-        b_sha = expected_digest(plan.backend_seed(), plan.backend_size)
-        checks = [
-            ("client sent", client.sent, plan.client_size, client.sent_sha, c_sha),
-            ("backend received", server.received, plan.client_size, server.received_sha, c_sha),
-            ("backend sent", server.sent, plan.backend_size, server.sent_sha, b_sha),
-            ("client received", client.received, plan.backend_size, client.received_sha, b_sha),
-        ]
-        for what, count, size, digest, want in checks:
-            if count != size or digest != want:
-                found.append(f"session {plan.index} ({plan.order}): {what} {count} bytes "
-                             f"sha256 {digest[:16]}, expected {size} bytes {want[:16]}")
+        # Each end hashed the bytes it handed to its socket as it went: the
+        # other end's digest of what it read must be that one, and each
+        # payload its planned size.
+        links = [("client -> backend", client.sent, client.sent_sha, server.received,
+                  server.received_sha, plan.client_size),
+                 ("backend -> client", server.sent, server.sent_sha, client.received,
+                  client.received_sha, plan.backend_size)]
+        for what, sent, sent_sha, received, received_sha, size in links:
+            if not sent == received == size or received_sha != sent_sha:
+                found.append(f"session {plan.index} ({plan.order}): {what}: sent {sent} bytes "
+                             f"sha256 {sent_sha[:16]}, received {received} bytes sha256 "
+                             f"{received_sha[:16]}, planned {size} bytes")
         waiter = client if plan.order == "backend-first" else server
         if not waiter.eof_before_tail:
             found.append(f"session {plan.index} ({plan.order}): the order was not kept")
@@ -573,7 +564,7 @@ def relay_proxy(tmp_path_factory, certs):
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 @pytest.mark.parametrize("order", ORDERS)
 def test_fifty_sessions_relay_byte_exact_with_half_close(relay_proxy, certs, tls, order):
-    """50 concurrent sessions, 2-3 MB each way at once, half-closed in
+    """50 concurrent sessions, 1-1.5 MB each way at once, half-closed in
     `order`: every byte arrives, on both ends (SHA-256), and the proxy's
     session threads all end afterwards."""
     proxy, plain, tls_port, target = relay_proxy

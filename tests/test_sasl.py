@@ -174,7 +174,64 @@ def test_apop_passes_the_digest_on_unchecked():
 
 def test_exchanges_table_names_every_mechanism():
     assert set(sasl.EXCHANGES) == set(sasl.MECHANISMS)
-    assert sasl.MECHANISMS == ("PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL")
+    assert sasl.MECHANISMS == ("PLAIN", "LOGIN", "CRAM-MD5", "EXTERNAL", "XOAUTH2",
+                               "OAUTHBEARER")
+
+
+# ------------------------------------------------- XOAUTH2 and OAUTHBEARER
+
+XOAUTH2 = b"user=joe@example.com\x01auth=Bearer ya29.token-_~+/=\x01\x01"
+OAUTHBEARER = b"n,a=joe@example.com,\x01host=mx.test\x01port=143\x01auth=Bearer tok\x01\x01"
+
+
+@pytest.mark.parametrize("mechanism, decoded, login, token", [
+    (sasl.xoauth2, XOAUTH2, b"joe@example.com", b"ya29.token-_~+/="),
+    (sasl.xoauth2, b"user=joe\x01AUTH=bearer T\x01\x01", b"joe", b"T"),
+    (sasl.oauthbearer, OAUTHBEARER, b"joe@example.com", b"tok"),
+    (sasl.oauthbearer, b"y,a=j=2Coe=3D,\x01auth=Bearer T\x01\x01", b"j,oe=", b"T"),
+])
+def test_oauth_user_and_token_come_from_the_response(mechanism, decoded, login, token):
+    """The login is the named user; the password is the bearer token only."""
+    for challenges, creds in (drive(mechanism(b64(decoded))),
+                              drive(mechanism(), b64(decoded) + b"\r\n")):
+        assert creds == Credentials(mechanism.__name__, login, token)
+    assert challenges == [""]      # without an initial response: one empty challenge
+
+
+@pytest.mark.parametrize("mechanism, decoded", [
+    (sasl.xoauth2, b"user=joe\x01auth=Bearer T\x01"),      # one ^A at the end
+    (sasl.xoauth2, b"user=joe\x02auth=Bearer T\x02\x02"),  # not ^A
+    (sasl.xoauth2, b"auth=Bearer T\x01\x01"),              # no user
+    (sasl.xoauth2, b"user=\x01auth=Bearer T\x01\x01"),     # an empty user
+    (sasl.xoauth2, b"user=joe\x01auth=Basic T\x01\x01"),   # not Bearer
+    (sasl.xoauth2, b"user=joe\x01auth=Bearer \x01\x01"),   # no token
+    (sasl.xoauth2, b"user=joe\x01auth=Bearer a b\x01\x01"),
+    (sasl.xoauth2, b"user=joe\x01\x01"),
+    (sasl.xoauth2, b"user=joe\x01auth=Bearer T\x01auth=Bearer U\x01\x01"),
+    (sasl.xoauth2, b""),
+    (sasl.oauthbearer, b"n,,\x01auth=Bearer T\x01\x01"),        # no user
+    (sasl.oauthbearer, b"n,a=,\x01auth=Bearer T\x01\x01"),
+    (sasl.oauthbearer, b"p=tls-unique,a=joe,\x01auth=Bearer T\x01\x01"),
+    (sasl.oauthbearer, b"n,a=joe\x01auth=Bearer T\x01\x01"),    # no closing comma
+    (sasl.oauthbearer, b"n,a=jo=41e,\x01auth=Bearer T\x01\x01"),
+    (sasl.oauthbearer, b"n,a=joe,\x01host=mx\x01\x01"),
+    (sasl.oauthbearer, b"n,a=joe,auth=Bearer T\x01\x01"),
+])
+def test_malformed_oauth_responses_are_errors(mechanism, decoded):
+    with pytest.raises(SaslError):
+        drive(mechanism(b64(decoded)))
+
+
+def test_an_oauth_response_that_is_not_base64_is_an_error():
+    with pytest.raises(SaslError):
+        drive(sasl.xoauth2(b"not*base64"))
+
+
+@pytest.mark.parametrize("text, allowed", [
+    ("eyJzdGF0dXMiOiI0MDEifQ==", True), ("", True), ("a b", False), ("x\r\n", False),
+    ("%%", False)])
+def test_an_auth_error_sasl_value_must_be_base64(text, allowed):
+    assert sasl.is_challenge(text) is allowed
 
 
 # ----------------------------------------------------------------- decode

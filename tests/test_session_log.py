@@ -211,7 +211,7 @@ def test_client_closes_before_login(tmp_path):
 
 
 def test_client_times_out(tmp_path):
-    proxy = start(tmp_path, mail="timeout 1s;")
+    proxy = start(tmp_path, mail="timeout 500ms;")
     client = Counted(proxy.port)
     assert client.line() == imap.GREETING
     assert client.rest() == b""

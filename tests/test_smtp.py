@@ -67,26 +67,26 @@ def test_greeting_delay_rejects_a_client_that_talks_first(start_proxy):
 
 
 def test_greeting_delay_greets_a_patient_client_after_the_delay(start_proxy):
-    proxy = start_proxy(["protocol smtp; smtp_greeting_delay 1s;"])
+    proxy = start_proxy(["protocol smtp; smtp_greeting_delay 500ms;"])
     started = time.monotonic()
     with proxy.client() as client:
         assert client.line() == GREETING
-        assert time.monotonic() - started >= 0.9
+        assert time.monotonic() - started >= 0.45
         client.send(b"HELO patient.example\r\n")
         assert client.line() == b"250 mx.test\r\n"
 
 
 def test_timeout_starts_when_the_delayed_greeting_is_sent(start_proxy):
     """Spec 3.3.2: after the delay the normal `timeout` starts."""
-    proxy = start_proxy(["protocol smtp; smtp_greeting_delay 1s; timeout 1s;"])
+    proxy = start_proxy(["protocol smtp; smtp_greeting_delay 500ms; timeout 500ms;"])
     with proxy.client() as client:
         assert client.line() == GREETING
         greeted_at = time.monotonic()
-        time.sleep(0.5)
+        time.sleep(0.25)
         client.send(b"NOOP\r\n")
         assert client.line() == smtp.OK
         assert client.closed()
-        assert 0.8 < time.monotonic() - greeted_at < 3
+        assert 0.4 < time.monotonic() - greeted_at < 3
     proxy.wait_log("client timed out")
 
 
@@ -588,7 +588,7 @@ def test_a_silent_backend_times_out_under_the_timeout_directive(smtp_proxy, auth
     server = backend([("send", b"220 hi\r\n"), ("expect", b"EHLO mx.test\r\n"),
                       ("sleep", 5)])
     auth_service.reply = ok("127.0.0.1", server.port)
-    proxy = smtp_proxy("timeout 1s;")
+    proxy = smtp_proxy("timeout 500ms;")
     with greeted(proxy) as client:
         started = time.monotonic()
         client.send(PLAIN_JOE)

@@ -6,8 +6,11 @@ counter checked exactly; sessions held in each phase show in the gauges;
 `worker_connections 2` turns the third connection away, logs it and counts
 it.  Then the real CLI in a subprocess with `worker_processes 2`: the page
 comes from the master's status process, lists both workers and adds up
-their counters; a reload keeps the counts and the status process; a killed
-status process is replaced; a killed master takes it along (the port is
+their counters; a reload keeps the counts and the status process; more
+reloads than the table has slots, each leaving a session open, are all
+counted (the table grows) and the log's `*N` numbers are shared by every
+worker; the status process ignores HUP, USR1 and QUIT and ends on TERM; a
+killed status process is replaced; a killed master takes it along (the port is
 free again); a changed `status_listen` moves the page; a single process
 serves the page itself; and `worker_rlimit_nofile` reaches the workers.
 """
@@ -504,6 +507,61 @@ def test_reload_keeps_the_counts_and_the_status_process(cli):
     assert len(page.worker_pids()) == 2
 
 
+def states(page):
+    """{pid: state} of the workers a page lists."""
+    return {int(l["pid"]): l["state"] for l in page.labels("mailproxy_worker_info")}
+
+
+def connection_numbers(log):
+    return [int(number) for number in re.findall(r" \*(\d+) client \S+ connected to ", log)]
+
+
+def test_counters_survive_more_reloads_than_slots_with_sessions_held(cli):
+    """Issue 17, item 8: before each reload a client logs in and stays (as
+    an IMAP IDLE client would), so every reload leaves one old worker
+    draining: more workers are alive at once than the table had slots.
+    The table grows; the status process, forked before, still lists every
+    worker and adds up every counter, exactly.  And the connection numbers
+    of the log (`*N`) are shared by all the workers of every generation:
+    1, 2, 3, ... with none twice."""
+    reloads = metrics.slots_for(2) - 1      # 2 serving + 3 draining > 4 slots
+    held = []
+    try:
+        for generation in range(reloads):
+            held.append(login(cli.port, b"joe"))
+            assert held[-1][1] == LOGGED_IN
+            before = states(eventually(lambda: answers(cli.status_port)))
+            cli.signal(signal.SIGHUP)
+
+            def reloaded():
+                page = answers(cli.status_port)
+                now = states(page) if page else {}
+                fresh = [state for pid, state in now.items() if pid not in before]
+                return fresh == ["serving", "serving"] and \
+                    list(now.values()).count("draining") == generation + 1
+            assert eventually(reloaded), cli.log()
+        good_session(cli.port)
+        page = scrape(cli.status_port)
+        assert sorted(states(page).values()) == ["draining"] * reloads + ["serving"] * 2
+        assert max(int(l["slot"]) for l in page.labels("mailproxy_worker_info")) >= \
+            metrics.slots_for(2)            # a slot of the grown table, seen by the page
+        assert page.value("mailproxy_sessions_total", protocol="imap") == reloads + 1
+        assert page.value("mailproxy_sessions_open", protocol="imap", phase="relay") == reloads
+        for client, _ in held:
+            client.send(b"still here\r\n")
+            assert client.line() == b"still here\r\n"
+    finally:
+        for client, _ in held:
+            client.close()
+    page = eventually(lambda: idle(cli.status_port) if len(states(scrape(cli.status_port))) == 2
+                      else None)
+    assert page, cli.log()
+    assert page.value("mailproxy_auth_results_total", protocol="imap", result="ok") == reloads + 1
+    assert page.value("mailproxy_relayed_bytes_total", protocol="imap", direction="from_client") \
+        == RELAYED + reloads * len(b"still here\r\n")
+    assert sorted(connection_numbers(cli.log())) == list(range(1, reloads + 2))
+
+
 def test_a_killed_status_process_is_replaced(cli):
     good_session(cli.port)
     victim = cli.status_pid()
@@ -514,6 +572,20 @@ def test_a_killed_status_process_is_replaced(cli):
     page = eventually(lambda: idle(cli.status_port))
     assert page.value("mailproxy_auth_results_total", protocol="imap", result="ok") == 1
     assert len(page.worker_pids()) == 2
+
+
+def test_the_status_process_ignores_hup_usr1_quit_and_ends_on_term(cli):
+    """As docs/operations.md says: the signals the master passes on to its
+    workers leave the status process serving; SIGTERM ends it, and the
+    master starts another."""
+    victim = cli.status_pid()
+    assert victim
+    for signo in (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT):
+        os.kill(victim, signo)
+    assert scrape(cli.status_port) and cli.status_pid() == victim and not gone(victim)
+    os.kill(victim, signal.SIGTERM)
+    assert eventually(lambda: cli.status_pid() not in (None, victim)), cli.log()
+    assert f"status process {victim} exited with code -15, starting a new one" in cli.log()
 
 
 def test_the_status_process_leaves_with_a_killed_master(cli):
@@ -561,17 +633,19 @@ def test_a_single_process_serves_the_page_itself(tmp_path, peers):
 
 # ------------------------------------------------ one client cannot hold it
 
-def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers):
-    """Ten idle connections and one that drips a byte a second: a scrape
+def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers, monkeypatch):
+    """Ten idle connections and one that drips a byte every DRIP: a scrape
     is still answered at once (each connection has its own thread), and
     the dripping one is cut when REQUEST_TIMEOUT is used up in all, not
-    re-armed by every byte."""
+    re-armed by every byte.  REQUEST_TIMEOUT is 1.5 s here (5 s in the
+    product): the whole request takes 26 bytes, 6.5 s of drips."""
+    monkeypatch.setattr(status, "REQUEST_TIMEOUT", 1.5)
     auth, _ = peers
     proxy, port = start(tmp_path, auth)
     idlers = [socket.create_connection((LOOPBACK, port), timeout=10) for _ in range(10)]
     dripper = socket.create_connection((LOOPBACK, port), timeout=10)
     try:
-        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=2)    # < REQUEST_TIMEOUT
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=1)    # < REQUEST_TIMEOUT
         conn.request("GET", "/metrics")
         assert conn.getresponse().status == 200
         conn.close()
@@ -579,13 +653,16 @@ def test_idle_and_dripping_clients_do_not_hold_up_a_scrape(tmp_path, peers):
             if readable(dripper):           # the server ended it (EOF reads)
                 break
             dripper.send(bytes([byte]))
-            time.sleep(1)
+            time.sleep(DRIP)
         assert dripper.recv(100) == b""     # cut, never answered
-        assert count <= status.REQUEST_TIMEOUT + 1
+        assert count <= status.REQUEST_TIMEOUT / DRIP + 1
     finally:
         for sock in idlers + [dripper]:
             sock.close()
         proxy.stop()
+
+
+DRIP = 0.25         # seconds between two bytes of the dripping client
 
 
 def readable(sock):

@@ -405,6 +405,78 @@ def test_smtp_proxy_starttls_sends_ehlo_and_xclient_inside_tls(start_proxy, auth
     assert secure[1].startswith(b"XCLIENT ") and secure[-1].startswith(b"MAIL FROM:")
 
 
+XOAUTH2_JOE = b64(b"user=joe@example.org\1auth=Bearer ya29.token\1\1")
+SASL_IR_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n"
+
+
+@pytest.mark.parametrize("mode, steps", [
+    ("proxy_ssl", [("tls",), ("send", SASL_IR_GREETING),
+                   ("expect", b"a AUTHENTICATE XOAUTH2 " + XOAUTH2_JOE + b"\r\n")]),
+    # RFC 3501 6.2.1: the SASL-IR seen before STARTTLS is not trusted after it
+    ("proxy_starttls", [("send", SASL_IR_GREETING), ("expect", b"a STARTTLS\r\n"),
+                        ("send", b"a OK begin TLS\r\n"), ("tls",),
+                        ("expect", b"a AUTHENTICATE XOAUTH2\r\n"), ("send", b"+ \r\n"),
+                        ("expect", XOAUTH2_JOE + b"\r\n")])])
+def test_the_oauth_bridge_sends_the_token_inside_tls(start_proxy, auth_service, backends, certs,
+                                                     mode, steps):
+    """Auth-Backend-Auth: xoauth2 over TLS, as Gmail and Office 365 require."""
+    backend = backends(steps + [("send", b"a OK Success\r\n")], server_context(certs.rsa))
+    auth_service.reply = ok(backend.host, backend.port, Auth_User="joe@example.org",
+                            Auth_Pass="ya29.token", Auth_Backend_Auth="xoauth2")
+    proxy = start_proxy([f"protocol imap; {mode} on;"], auth=auth_service.url,
+                        mail=verified(certs, "127.0.0.1"))
+    with Peer.connect(proxy.port) as client:
+        assert client.line() == imap.GREETING
+        client.send(b"a LOGIN joe secret\r\n")
+        assert client.line() == b"a OK Success\r\n"
+    [record] = backend.wait()
+    assert record.error is None
+    assert [inside for inside, line in record.lines if XOAUTH2_JOE in line] == [True]
+
+
+CLIENT_ADDRESS_AFTER_STARTTLS = {
+    "imap": [("send", b"* OK [CAPABILITY IMAP4rev1 ID STARTTLS] ready\r\n"),
+             ("expect", b"a STARTTLS\r\n"), ("send", b"a OK go\r\n"), ("tls",),
+             ("expect", b"a CAPABILITY\r\n"),
+             ("send", b"* CAPABILITY IMAP4rev1 ID\r\na OK done\r\n"),
+             ("line",), ("send", b"a OK ID completed\r\n"), *imap_login()],
+    "pop3": [("send", b"+OK [XCLIENT] ready\r\n"),
+             ("expect", b"STLS\r\n"), ("send", b"+OK go\r\n"), ("tls",),
+             ("expect", b"CAPA\r\n"), ("send", b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n"),
+             ("line",), ("send", b"+OK\r\n"),
+             ("expect", b"USER joe\r\n"), ("send", b"+OK\r\n"),
+             ("expect", b"PASS secret\r\n"), ("send", b"+OK Logged in\r\n")],
+}
+
+
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_proxy_client_address_asks_the_capabilities_again_inside_tls(
+        start_proxy, auth_service, backends, certs, protocol):
+    """RFC 3501 6.2.1, RFC 2595 4: what the greeting announced in clear
+    text is forgotten; CAPABILITY (CAPA) and then ID (XCLIENT) go inside TLS."""
+    backend = backends(CLIENT_ADDRESS_AFTER_STARTTLS[protocol], server_context(certs.rsa))
+    auth_service.reply = ok(backend.host, backend.port)
+    proxy = start_proxy([f"protocol {protocol}; proxy_starttls on;"], auth=auth_service.url,
+                        mail=verified(certs, "127.0.0.1") + "proxy_client_address on;")
+    with Peer.connect(proxy.port) as client:
+        client.line()
+        client.send(b"a LOGIN joe secret\r\n" if protocol == "imap"
+                    else b"USER joe\r\nPASS secret\r\n")
+        if protocol == "pop3":
+            assert client.line() == b"+OK\r\n"
+        assert client.line() in (b"a OK Logged in\r\n", b"+OK Logged in\r\n")
+        port = client.sock.getsockname()[1]
+    [record] = backend.wait()
+    assert record.error is None
+    told = next(line for inside, line in record.lines if inside and b"127.0.0.1" in line)
+    assert told.startswith(
+        b'a ID ("x-originating-ip" "127.0.0.1" "x-originating-port" "%d" "x-connected-ip" '
+        b'"127.0.0.1" "x-connected-port" "%d" "x-session-id" "' % (port, proxy.port)
+        if protocol == "imap" else b"XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=" % port)
+    assert [line for inside, line in record.lines if not inside] == \
+        [b"a STARTTLS\r\n" if protocol == "imap" else b"STLS\r\n"]
+
+
 def test_large_payloads_both_ways_at_once_over_backend_tls(start_proxy, auth_service,
                                                            backends, certs):
     """The relay's two threads share the backend's TLS connection too:

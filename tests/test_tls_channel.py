@@ -1,19 +1,18 @@
 """The TLS channel under an adversarial client (issue 15, item 7).
 
 A client here drives its own TLS over memory BIOs on one thread, so the
-test decides exactly what reaches the wire and when: a ClientHello or a
-record one byte at a time, close_notify then FIN while megabytes flow
-both ways, or a bare FIN with no close_notify.  The proxy must treat each
-as it treats clear text: `timeout` is one deadline for the pre-login
-dialogue however the bytes trickle, and a half-close loses no byte of
-what the backend still sends.
+test decides exactly what reaches the wire and when: close_notify then FIN
+while megabytes flow both ways, or a bare FIN with no close_notify.  The
+proxy must treat each as it treats clear text: a half-close loses no byte
+of what the backend still sends.  (`BioClient` also drips a ClientHello or
+a record a byte at a time in tests/test_drips.py: `timeout` is one
+deadline for the pre-login dialogue however the bytes trickle.)
 """
 
 import hashlib
 import os
 import select
 import socket
-import threading
 import time
 
 import pytest
@@ -28,7 +27,6 @@ from mailproxy import imap
 
 pytest_plugins = ("proxying", "certs")
 
-TRICKLE = 0.3           # seconds between two bytes: far less than the timeout
 MEGABYTES = 3 * 1024 * 1024
 DEADLINE = 60           # seconds for a whole exchange (a bound, not a goal)
 LOGIN = [("send", b"* OK backend ready\r\n"), ("expect", b"a LOGIN {3}\r\n"),
@@ -102,64 +100,6 @@ class BioClient:
 
     def close(self):
         self.sock.close()
-
-
-def closed_after(sock, started):
-    """Seconds from `started` until the proxy closed `sock`."""
-    sock.settimeout(30)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionError:
-        pass
-    return time.monotonic() - started
-
-
-def trickle(sock, data):
-    """Send `data` a byte at a time; stop when the proxy closes."""
-    for byte in data:
-        try:
-            sock.sendall(bytes([byte]))
-        except OSError:
-            return
-        time.sleep(TRICKLE)
-
-
-# ------------------------------------------------------------ deadlines
-
-def test_a_client_hello_trickled_a_byte_at_a_time_is_cut_at_timeout(start_proxy, certs):
-    """Each byte comes well inside `timeout`, but the whole dialogue may
-    not take longer than it: the same cut as for clear text."""
-    port = free_port()
-    proxy = start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl; timeout 2s;"],
-                        mail=f"ssl_certificate {certs.rsa.cert};\n"
-                             f"ssl_certificate_key {certs.rsa.key};")
-    client = BioClient(port, certs)
-    hello = client.client_hello()
-    assert len(hello) * TRICKLE > 10            # trickled whole, it would take longer
-    started = time.monotonic()
-    sender = threading.Thread(target=trickle, args=(client.sock, hello), daemon=True)
-    sender.start()
-    assert 1.8 <= closed_after(client.sock, started) < 4
-    proxy.wait_log("client timed out")
-    client.close()
-
-
-def test_a_command_record_trickled_after_the_handshake_is_cut_at_timeout(start_proxy, certs):
-    port = free_port()
-    proxy = start_proxy([f"protocol imap; listen 127.0.0.1:{port} ssl; timeout 2s;"],
-                        mail=f"ssl_certificate {certs.rsa.cert};\n"
-                             f"ssl_certificate_key {certs.rsa.key};")
-    client = BioClient(port, certs)
-    client.handshake()
-    started = time.monotonic()
-    assert client.line() == imap.GREETING
-    client.tls.sendall(b"a NOOP\r\n" + b"x" * 64)
-    record = client.take()
-    threading.Thread(target=trickle, args=(client.sock, record), daemon=True).start()
-    assert 1.5 <= closed_after(client.sock, started) < 4
-    proxy.wait_log("client timed out")
-    client.close()
 
 
 # ------------------------------------------------------------ half-closes

@@ -12,8 +12,6 @@ optional_no_ca` with certificates no known CA signed.
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -22,7 +20,6 @@ import pytest
 
 pytest.register_assert_rewrite("certs")
 from certs import Peer, client_context, issue_chain
-from fakes import ScriptedAuthService, fail, ok
 from harness import free_port, wait_until
 from mailproxy import imap, pop3, smtp
 from mailproxy.config import ConfigError, load, dump

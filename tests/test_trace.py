@@ -113,6 +113,32 @@ def test_smtp_to_backend():
                      f"AUTH PLAIN {R}", "AUTH LOGIN", R, R, "MAIL FROM:<a@b>"]
 
 
+@pytest.mark.parametrize("protocol, events, expected", [
+    ("imap", [("C", b"a AUTHENTICATE XOAUTH2 " + b64(b"user=joe\1auth=Bearer " + PASSWORD)),
+              ("S", b"+ eyJzdGF0dXMiOiI0MDEifQ=="), ("C", b""), ("S", b"a NO refused"),
+              ("C", b"b NOOP")], ["a AUTHENTICATE XOAUTH2 ***", R, "b NOOP"]),
+    ("imap", [("C", b"a AUTHENTICATE PLAIN"), ("S", b"+ "), ("C", b64(b"\0joe\0" + PASSWORD)),
+              ("S", b"* CAPABILITY IMAP4rev1"), ("S", b"a OK done"), ("C", b"b NOOP")],
+     ["a AUTHENTICATE PLAIN", R, "b NOOP"]),
+    ("pop3", [("C", b"AUTH XOAUTH2"), ("S", b"+ "), ("C", b64(b"auth=Bearer " + PASSWORD)),
+              ("S", b"+OK welcome"), ("C", b"STAT")], ["AUTH XOAUTH2", R, "STAT"]),
+    ("smtp", [("C", b"AUTH XOAUTH2 " + b64(b"auth=Bearer " + PASSWORD)),
+              ("S", b"334 eyJzdGF0dXMiOiI0MDEifQ=="), ("C", b""), ("S", b"535 5.7.8 no"),
+              ("C", b"QUIT")], [f"AUTH XOAUTH2 {R}", R, "QUIT"])])
+def test_backend_sasl_hides_initial_responses_and_answers(protocol, events, expected):
+    """backend_sasl.py's exchanges: the mechanism is shown, every response
+    (a token, PLAIN's password, the answer to an error challenge) is not,
+    until the backend's final reply ends the exchange."""
+    redactor, state, shown = trace.REDACTORS[protocol], trace.COMMAND, []
+    for direction, data in events:
+        if direction == "S":
+            state = redactor.from_backend(state, data + b"\r\n")
+            continue
+        text, state = redactor.to_backend(state, data + b"\r\n")
+        shown.append(text)
+    assert [text for text in shown if text] == expected
+
+
 def test_shown_escapes_and_bounds():
     assert trace.shown(b"a\x00b\x1b[31m\r\n") == "a\\x00b\\x1b[31m"
     assert trace.shown(b"caf\xc3\xa9 \xff") == "caf\u00e9 \\xff"

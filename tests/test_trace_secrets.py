@@ -7,8 +7,9 @@ sessions of one proxy with `trace on` at `debug`: every whitespace byte a
 client might put between words (SP, TAB, VT, FF, runs of them), verbs in
 any case, several commands in one send, commands the proxy refuses, and
 SASL answers pipelined after an AUTH that a `starttls only` listener
-refuses.  Each secret is a fresh random word; none may appear anywhere in
-the log.  The first tests are the findings of issue 16 as reported; then
+refuses, and XOAUTH2/OAUTHBEARER tokens with the answer to the auth
+service's Auth-Error-SASL challenge.  Each secret is a fresh random word;
+none may appear anywhere in the log.  The first tests are the findings of issue 16 as reported; then
 one hypothesis property per parser.
 
 MAILPROXY_FUZZ_SCALE multiplies the examples (the long form; its figures
@@ -34,13 +35,19 @@ EXAMPLES = 100                  # per parser, per run of the CI form (about 2 s 
 WHITESPACE = (b" ", b"\t", b"\x0b", b"\x0c")
 BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 WORDLIKE = b"SecretAnswerWord"  # letters only: valid base64, and looks like a verb
-MECHANISMS = (b"PLAIN", b"LOGIN", b"CRAM-MD5", b"EXTERNAL", b"plain", b"Login", b"XOAUTH2")
+MECHANISMS = (b"PLAIN", b"LOGIN", b"CRAM-MD5", b"EXTERNAL", b"plain", b"Login", b"XOAUTH2",
+              b"OAUTHBEARER", b"xoauth2", b"SCRAM-SHA-1")
+# The token strings (the secret is the bearer token); a second answer is
+# the client's answer to the Auth-Error-SASL challenge.
+OAUTH = {b"XOAUTH2": b"user=joe\x01auth=Bearer %s\x01\x01",
+         b"OAUTHBEARER": b"n,a=joe,\x01host=mx.test\x01auth=Bearer %s\x01\x01"}
+SASL_ERROR = "eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0="   # what the auth service sends
 # One listener per protocol, then the same with `starttls only` (AUTH refused).
 LISTENERS = {"imap": 0, "pop3": 1, "smtp": 2}
 GOODBYE = {"imap": b"z LOGOUT\r\n", "pop3": b"QUIT\r\n", "smtp": b"QUIT\r\n"}
-METHODS = {"imap": "imap_auth plain login cram-md5 external;",
-           "pop3": "pop3_auth plain apop cram-md5 external;",
-           "smtp": "smtp_auth plain login cram-md5 external;"}
+METHODS = {"imap": "imap_auth plain login cram-md5 external xoauth2 oauthbearer;",
+           "pop3": "pop3_auth plain apop cram-md5 external xoauth2 oauthbearer;",
+           "smtp": "smtp_auth plain login cram-md5 external xoauth2 oauthbearer;"}
 
 
 class TracedProxy:
@@ -79,7 +86,7 @@ def traced(tmp_path_factory, certs):
     servers = [f"protocol {p}; {METHODS[p]}" for p in LISTENERS]
     servers += [f"protocol {p}; {METHODS[p]} starttls only;" for p in LISTENERS]
     with ScriptedAuthService() as auth:
-        auth.reply = fail("Invalid login or password")
+        auth.reply = fail("Invalid login or password", Auth_Error_SASL=SASL_ERROR)
         proxy = RunningProxy(directory, servers=servers, level="debug",
                              mail=f"auth_http {auth.url};\ntrace on;\nserver_name mx.test;\n"
                                   f"{tls}")
@@ -131,12 +138,18 @@ SHOWN = [
     ("pop3", b"AUTH LOGIN\r\n" + b64(b"joe") + b"\r\n" + b64(b"pw") + b"\r\n",
      ["AUTH LOGIN", R, R]),
     ("pop3", b"AUTH CRAM-MD5\r\n" + b64(b"joe digest") + b"\r\n", ["AUTH CRAM-MD5", R]),
-    ("smtp", b"EHLO client.test\r\nMAIL FROM:<a@b>\r\nDATA\r\n",
-     ["EHLO client.test", "MAIL FROM:<a@b>", R]),
+    ("smtp", b"EHLO client.test\r\nMAIL FROM:<a@b>\r\nDATA\r\nSubject: x\r\n",
+     ["EHLO client.test", "MAIL FROM:<a@b>", "DATA", R]),      # a verb the proxy refuses
     ("smtp", b"AUTH\r\nAUTH PLAIN " + b64(b"\0joe\0pw") + b"\r\n", ["AUTH", f"AUTH PLAIN {R}"]),
     ("smtp", b"AUTH LOGIN " + b64(b"joe") + b"\r\n" + b64(b"pw") + b"\r\n",
      [f"AUTH LOGIN {R}", R]),
     ("smtp", b"AUTH PLAIN\r\n" + b64(b"\0joe\0pw") + b"\r\n", ["AUTH PLAIN", R]),
+    ("imap", b"a AUTHENTICATE XOAUTH2 " + b64(OAUTH[b"XOAUTH2"] % b"tok") + b"\r\nAQ==\r\n",
+     [f"a AUTHENTICATE XOAUTH2 {R}", R]),
+    ("pop3", b"AUTH OAUTHBEARER\r\n" + b64(OAUTH[b"OAUTHBEARER"] % b"tok") + b"\r\n\r\n",
+     ["AUTH OAUTHBEARER", R]),     # the empty answer: no line at all
+    ("smtp", b"AUTH XOAUTH2 " + b64(OAUTH[b"XOAUTH2"] % b"tok") + b"\r\n*\r\n",
+     [f"AUTH XOAUTH2 {R}", R]),
 ]
 
 
@@ -146,6 +159,12 @@ def test_what_a_trace_shows_of_client_lines(traced, protocol, data, expected):
     lines, _ = traced.run(protocol, data)
     shown = [line[3:] for line in lines if line.startswith("C: ")]
     assert shown[:len(expected)] == expected, lines
+
+
+def test_the_auth_error_sasl_challenge_is_shown_and_its_answer_hidden(traced):
+    lines, _ = traced.run("smtp", b"AUTH XOAUTH2 " + b64(OAUTH[b"XOAUTH2"] % b"tok")
+                          + b"\r\nAQ==\r\n")
+    assert lines[1:4] == [f"C: AUTH XOAUTH2 {R}", f"S: 334 {SASL_ERROR}", f"C: {R}"], lines
 
 
 def test_a_literal_continuation_follows_its_command_in_the_trace(traced):
@@ -213,13 +232,17 @@ def sasl_commands(draw, verb):
     sep = separators()
     mechanism = draw(st.sampled_from(MECHANISMS))
     answers = draw(st.lists(secrets, min_size=1, max_size=2))
+    hidden = list(answers)
+    if mechanism.upper() in OAUTH and draw(st.booleans()):     # a well-formed token
+        answers[0] = b64(OAUTH[mechanism.upper()] % answers[0])
+        hidden.append(answers[0])
     if draw(st.booleans()):
         text = draw(verb) + draw(sep) + mechanism + draw(sep) + answers[0] + b"\r\n"
         text += b"".join(answer + b"\r\n" for answer in answers[1:])
     else:
         text = draw(verb) + draw(sep) + mechanism + b"\r\n" \
             + b"".join(answer + b"\r\n" for answer in answers)
-    return text, answers
+    return text, hidden
 
 
 @st.composite

@@ -21,9 +21,11 @@ def b64(data):
 
 def auth_headers(request):
     """The auth protocol's own headers of a recorded request, in order:
-    Auth-* and Client-* (HTTP plumbing such as Host left out)."""
+    Auth-* and Client-* (HTTP plumbing such as Host left out, and
+    Client-Port, Server-IP and Server-Port, which name the connection:
+    tests/test_client_address.py checks those)."""
     return [(name, value) for name, value in request.headers
-            if name.startswith(("Auth-", "Client-"))]
+            if name.startswith(("Auth-", "Client-")) and name != "Client-Port"]
 
 
 def unescape(value):

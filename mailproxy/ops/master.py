@@ -26,7 +26,11 @@ the status page (status.py), restarted like a worker if it dies.  The
 counters it shows live in memory the master maps before its first fork;
 each worker is given one block of it, its *slot* (metrics.py).
 
-`worker_processes 1` needs none of this: server.run() serves in-process.
+`worker_processes 1` needs none of this: server.run() serves in-process,
+unless the process was started as root with `user` (`needed()`): then, as
+nginx always does, a master and one worker, so that sessions never run as
+root while the master keeps the rights to reopen logs for the worker user,
+remove the pid file and reload.
 """
 
 import os
@@ -43,8 +47,18 @@ from .status import open_socket as open_status_socket, serve_process as serve_st
 
 HANDLED = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
            signal.SIGCHLD}
+# The status process ignores what the master passes on to workers: an
+# operator's `kill -HUP` to every process leaves the page up.  SIGTERM and
+# SIGINT end it (the master sends SIGTERM when the page moves or stops).
+STATUS_IGNORES = (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT)
 TICK = 1.0                  # seconds between looks at the children when no signal comes
 RESPAWN_PAUSE = 1.0         # a worker that dies at once is not restarted in a tight loop
+
+
+def needed(config):
+    """Does this configuration run as a master and workers?  With more
+    than one worker; and with one, if it must give up root for `user`."""
+    return config.worker_processes > 1 or bool(worker_uid(config.user))
 
 
 class Master:
@@ -83,7 +97,7 @@ class Master:
         self.log.log(logmod.NOTICE, "master process %d, %d worker processes", os.getpid(),
                      self.config.worker_processes)
         self.original_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        self.table = metrics.Table(metrics.slots_for(self.config.worker_processes))
+        self.table = metrics.Table.shared(metrics.slots_for(self.config.worker_processes))
         try:
             self.spawn(self.config.worker_processes)
             if self.status_socket:
@@ -141,17 +155,13 @@ class Master:
         config = config or self.config
         prepare_tls(config)     # here, before fork: the workers share one ticket key
         for _ in range(count):
-            slot = self.table.free_slot(self.slots.values())
-            if slot is None:
-                self.log.warning("all %d metrics slots are in use: the status page will "
-                                 "not count the next worker", self.table.slots)
+            slot = self.table.take(self.slots.values())     # grows the table if need be
             pid = os.fork()
             if pid == 0:
                 self._become_worker(config, slot)   # never returns
             self.workers[pid] = config
-            if slot is not None:
-                self.slots[pid] = slot
-                self.table.attach(slot, pid)
+            self.slots[pid] = slot
+            self.table.attach(slot, pid)
             self.log.log(logmod.NOTICE, "start worker process %d", pid)
         self.last_spawn = time.monotonic()
 
@@ -162,19 +172,21 @@ class Master:
             self._leave_master()
             if self.status_socket:
                 self.status_socket.close()      # the status process's, not ours
-            meter = self.table.meter(slot) if slot is not None else None
-            status = run_worker(config, self.sockets, meter)
+            status = run_worker(config, self.sockets, self.table.meter(slot))
         except BaseException:           # the child must never return into the master's code
             self.log.exception("worker process failed")
         finally:
             os._exit(status)
 
-    def _leave_master(self):
-        """In a new child: signals as they were, the master's logs closed."""
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.original_mask)
-        for signo in HANDLED:
-            signal.signal(signo, signal.SIG_DFL)
+    def _leave_master(self, ignore=()):
+        """In a new child: the master's logs closed, the signals as they
+        were, but those in `ignore` ignored.  The dispositions are set
+        before the mask is lifted, so a signal that comes in between finds
+        the child's own."""
         self.destinations.close()
+        for signo in HANDLED:
+            signal.signal(signo, signal.SIG_IGN if signo in ignore else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.original_mask)
 
     def reap(self):
         """Collect dead children; start another for a current worker that
@@ -274,9 +286,7 @@ class Master:
         """In the child: keep only the status socket and the table, then serve."""
         code = 1
         try:
-            self._leave_master()
-            for signo in (signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT):
-                signal.signal(signo, signal.SIG_IGN)    # the master decides when it goes
+            self._leave_master(ignore=STATUS_IGNORES)   # the master decides when it goes
             for sock in self.sockets.values():
                 sock.close()            # else a port the master let go would stay bound
             drop_privileges(self.config.user)

@@ -4,47 +4,63 @@ What is counted: sessions open (by protocol and phase), sessions started,
 auth service answers and how long they took, backend connections that
 failed, bytes relayed, connections turned away by `worker_connections`,
 and, per worker, its pid, state, start time and thread count.
-`status.py` turns the sums into pages.
+`status.py` turns the sums into pages.  The same memory holds the
+connection number of the logs (`*N`), one counter for every process.
 
 Where the counters live.  With `worker_processes N` the sessions run in N
 processes and the page is served by yet another (see master.py), so the
-counters cannot be Python objects.  The master makes one anonymous shared
-mapping (`mmap.mmap(-1, size)`) BEFORE it forks anything, so every child
-inherits the same pages:
+counters cannot be Python objects.  The master makes one shared memory
+file (`os.memfd_create`) and maps it BEFORE it forks anything, so every
+child inherits the same pages:
 
     header | block 0 | block 1 | ... | block S-1       (64-bit words)
 
 Each worker is given a block (its *slot*) when it is forked and writes only
-there.  No two processes ever write the same word, so nothing is locked
-across processes; the status process reads every block and adds them up.
-Inside one worker, session threads share the block: `words[i] += 1` is a
-read and a write that another thread could split, so a worker's `Meter`
-takes one small lock (a plain threading.Lock) around each update.  A
-session takes it some six to ten times in its life (start, each phase, each
-auth service answer, the relay's byte counts, the end), never per relayed
-byte, and allocates nothing: the hot path stays a few integer additions.
+there.  No two processes ever write the same counter, so counting takes no
+lock across processes; the status process reads every block and adds them
+up.  Inside one worker, session threads share the block: `words[i] += 1`
+is a read and a write that another thread could split, so a worker's
+`Meter` takes one small lock (a plain threading.Lock) around each update.
+A session takes it some six to ten times in its life (start, each phase,
+each auth service answer, the relay's byte counts, the end), never per
+relayed byte, and allocates nothing: the hot path stays a few integer
+additions.
 
-Counters are never reset.  When a worker exits, the master clears the
+Counters are never reset.  When a worker has exited (the master has
+reaped it, so nobody writes the block any more), the master clears the
 block's gauges (open sessions, threads, pid) and keeps its counters; the
 next worker given that slot adds to them.  So the totals on the page are
 totals since the master started, across reloads and crashed workers.
+
+The table grows.  A reload runs the new workers while the old ones finish
+their sessions, and an IMAP IDLE session can keep an old worker for hours,
+so any number of workers may be alive at once.  When every slot is taken,
+the master doubles the table: it extends the file (`os.ftruncate`), maps
+it again, and only then writes the new slot count into the header.  The
+workers already running keep their old, shorter mapping, which still holds
+their own block; a worker forked later inherits the longer one; the status
+process, forked long before, compares the header's count with its mapping
+before each page and maps the file again when the master has grown it
+(`Table.current()`).  The file never shrinks, so every mapping stays valid.
 
 A reader takes no lock either: each word is aligned and stored whole, so
 it never sees half a number, but a scrape can catch a session between two
 phases (counted in both, or in neither, for an instant).  That is the
 usual bargain of a metrics page.
 
-Slots: a reload runs the new workers while the old ones finish their
-sessions, so 2N slots can be busy at once; the table has 2N + SPARE_SLOTS.
-A worker that finds none free (many reloads in a row while long sessions
-drain, or a reload that raised `worker_processes`) is logged and runs with
-a private block nobody reads: it serves, it just is not counted.
+The connection number is the one word every worker writes, so it is the
+one word under a lock shared by processes: a POSIX record lock
+(`fcntl.lockf`) on that word of the file, held by one process for a read
+and a store, and by one thread of it (the Meter's lock).  The kernel drops
+the lock of a process that dies, even one killed holding it.
 
 In single-process mode (`worker_processes 1`) the one process makes a
-table of one slot for itself and serves the page from a thread.
+private table of one slot for itself (`Table.private()`), which never grows
+and needs no lock between processes, and serves the page from a thread.
 """
 
 import bisect
+import fcntl
 import mmap
 import os
 import threading
@@ -60,7 +76,6 @@ OK, FAIL, WAIT, ERROR = range(len(AUTH_RESULTS))
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STATES = ("free", "serving", "draining")
 FREE, SERVING, DRAINING = range(len(STATES))
-SPARE_SLOTS = 8             # beyond 2 x worker_processes: room for reloads in a row
 WORD = 8                    # bytes per counter: a signed 64-bit integer ("q")
 
 _PROTOCOL = {name: index for index, name in enumerate(PROTOCOLS)}
@@ -78,10 +93,12 @@ class _Words:
         return start
 
 
-# The header: who made the table, and when.
+# The header: who made the table and when, its size now, and the connection counter.
 _header = _Words()
 MASTER_PID = _header.take()
 MASTER_STARTED = _header.take()         # Unix time, milliseconds
+SLOTS = _header.take()                  # blocks in the file now (the master grows it)
+CONNECTIONS = _header.take()            # the last connection number given out
 HEADER_WORDS = _header.size
 
 # One block per worker slot.  Gauges first (cleared when the worker exits),
@@ -105,80 +122,135 @@ BLOCK_WORDS = _block.size
 
 
 def slots_for(worker_processes):
-    """How many worker slots a master with this many workers needs."""
-    return 2 * worker_processes + SPARE_SLOTS
+    """How many slots a master's table starts with: the workers, and as
+    many again for the old ones still finishing after a reload (it grows
+    when more are alive at once)."""
+    return 2 * worker_processes
 
 
 def _now_ms():
     return int(time.time() * 1000)
 
 
+def _size(slots):
+    return (HEADER_WORDS + slots * BLOCK_WORDS) * WORD
+
+
+def _words(memory):
+    """The 64-bit words of a mapping, as a list-like view."""
+    return memoryview(memory).cast("q")
+
+
 class Table:
-    """The shared words.  The master calls `attach`, `set_state` and
-    `release` (it alone writes the per-slot gauges PID, STATE, STARTED);
-    a worker writes through its `Meter`; the status page calls `totals`
-    and `workers`.  Made before any fork, never closed."""
+    """The shared words.  The master calls `take`, `attach`, `set_state`
+    and `release` (it alone writes the per-slot gauges PID, STATE,
+    STARTED, and it alone grows the table); a worker writes through its
+    `Meter`; the status page calls `totals` and `workers`.  Made before
+    any fork, never closed.  `_view` is the pair (slots, words) of this
+    process's mapping, replaced whole (one assignment) when it is remapped,
+    so a thread never sees a slot count with the wrong mapping."""
 
-    def __init__(self, slots):
-        self.slots = slots
-        self.memory = mmap.mmap(-1, (HEADER_WORDS + slots * BLOCK_WORDS) * WORD)
-        self.words = memoryview(self.memory).cast("q")
-        self.words[MASTER_PID] = os.getpid()
-        self.words[MASTER_STARTED] = _now_ms()
+    def __init__(self, slots, fd=None):
+        self.fd = fd                    # the shared file; None: private to this process
+        memory = mmap.mmap(-1 if fd is None else fd, _size(slots))
+        self._view = (slots, _words(memory))
+        words = self._view[1]
+        words[MASTER_PID] = os.getpid()
+        words[MASTER_STARTED] = _now_ms()
+        words[SLOTS] = slots
 
-    def base(self, slot):
+    @classmethod
+    def shared(cls, slots):
+        """The master's table, in a file its children inherit and can map again."""
+        fd = os.memfd_create("mailproxy-metrics")
+        os.ftruncate(fd, _size(slots))
+        return cls(slots, fd)
+
+    @classmethod
+    def private(cls):
+        """A single process's table: one slot, never grown, never shared."""
+        return cls(1)
+
+    def current(self):
+        """(slots, words), mapped again first if the master has grown the
+        table since this process mapped it (a status process's case)."""
+        slots, words = self._view
+        if words[SLOTS] != slots:
+            slots = words[SLOTS]
+            words = _words(mmap.mmap(self.fd, _size(slots)))
+            self._view = (slots, words)     # two threads may both remap: either is right
+        return slots, words
+
+    @property
+    def slots(self):
+        return self.current()[0]
+
+    @staticmethod
+    def base(slot):
         return HEADER_WORDS + slot * BLOCK_WORDS
 
     # ------------------------------------------------------- the master
 
-    def free_slot(self, taken):
-        """The lowest slot not in `taken`, or None when all are busy."""
-        return next((slot for slot in range(self.slots) if slot not in taken), None)
+    def take(self, taken):
+        """The lowest slot not in `taken`, doubling the table when every
+        slot is taken (the master's own mapping then covers the new slots
+        before any reader learns of them from the header)."""
+        slots, words = self._view
+        free = next((slot for slot in range(slots) if slot not in taken), None)
+        if free is not None:
+            return free
+        os.ftruncate(self.fd, _size(2 * slots))
+        words = _words(mmap.mmap(self.fd, _size(2 * slots)))
+        self._view = (2 * slots, words)
+        words[SLOTS] = 2 * slots
+        return slots
 
     def attach(self, slot, pid):
-        base = self.base(slot)
-        self.words[base + STARTED] = _now_ms()
-        self.words[base + STATE] = SERVING
-        self.words[base + PID] = pid
+        words, base = self._view[1], self.base(slot)
+        words[base + STARTED] = _now_ms()
+        words[base + STATE] = SERVING
+        words[base + PID] = pid
 
     def set_state(self, slot, state):
-        self.words[self.base(slot) + STATE] = state
+        self._view[1][self.base(slot) + STATE] = state
 
     def release(self, slot):
         """The slot's worker has exited: clear its gauges, keep its counters."""
-        base = self.base(slot)
+        words, base = self._view[1], self.base(slot)
         for index in range(base, base + GAUGE_WORDS):
-            self.words[index] = 0
+            words[index] = 0
 
     def meter(self, slot):
-        return Meter(self.words, self.base(slot))
+        return Meter(self._view[1], self.base(slot), self.fd)
 
     # --------------------------------------------------------- the page
 
     @property
     def master_pid(self):
-        return self.words[MASTER_PID]
+        return self._view[1][MASTER_PID]
 
     @property
     def started(self):
         """When the table was made (the master started), Unix seconds."""
-        return self.words[MASTER_STARTED] / 1000
+        return self._view[1][MASTER_STARTED] / 1000
 
     def totals(self):
         """Every block added up, word by word (a list of BLOCK_WORDS ints)."""
+        slots, words = self.current()
         sums = [0] * BLOCK_WORDS
-        for slot in range(self.slots):
+        for slot in range(slots):
             base = self.base(slot)
-            for index, value in enumerate(self.words[base:base + BLOCK_WORDS].tolist()):
+            for index, value in enumerate(words[base:base + BLOCK_WORDS].tolist()):
                 sums[index] += value
         return sums
 
     def workers(self):
         """[WorkerView] of the slots in use, by slot."""
+        slots, words = self.current()
         found = []
-        for slot in range(self.slots):
+        for slot in range(slots):
             base = self.base(slot)
-            block = self.words[base:base + GAUGE_WORDS].tolist()
+            block = words[base:base + GAUGE_WORDS].tolist()
             if block[PID]:
                 found.append(WorkerView(slot, block[PID], STATES[block[STATE]],
                                         block[STARTED] / 1000, block[THREADS],
@@ -199,18 +271,29 @@ class WorkerView:
 class Meter:
     """A worker's own block: what sessions call as things happen.  One
     lock per process keeps two threads from losing an addition (see the
-    module docstring); it is never held across any I/O."""
+    module docstring); it is never held across any I/O.  `fd` is the
+    shared table's file (None for a private table), locked around the
+    connection number."""
 
-    __slots__ = ("words", "base", "lock")
+    __slots__ = ("words", "base", "fd", "lock")
 
-    def __init__(self, words, base):
-        self.words, self.base = words, base
+    def __init__(self, words, base, fd=None):
+        self.words, self.base, self.fd = words, base, fd
         self.lock = threading.Lock()
 
-    @classmethod
-    def unshared(cls):
-        """For a worker without a slot: a private block that nobody reads."""
-        return Table(1).meter(0)
+    def connection(self):
+        """The next connection number (`*N` in the logs), unique among
+        every worker of this master, across reloads."""
+        with self.lock:
+            if self.fd is not None:     # held for a read and a store: no deadline needed
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, WORD, CONNECTIONS * WORD)
+            try:
+                number = self.words[CONNECTIONS] + 1
+                self.words[CONNECTIONS] = number
+            finally:
+                if self.fd is not None:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN, WORD, CONNECTIONS * WORD)
+        return number
 
     def opened(self, protocol):
         """A session starts, in the greeting phase."""

@@ -92,6 +92,15 @@ def real_client(header, peer, networks):
     return peer
 
 
+def real_server(header, peer, networks):
+    """The address the client connected to, as a trusted header (see
+    real_client) says: the header's destination, or None when the header
+    is absent or not trusted (the listening socket's address then holds)."""
+    if header is not None and trusted(peer, networks):
+        return (header.destination, header.destination_port)
+    return None
+
+
 def trusted(peer, networks):
     """Does the TCP peer (an accept() address; '' for a unix-domain peer)
     match `set_real_ip_from`?  An IPv4-mapped IPv6 peer matches as IPv4."""

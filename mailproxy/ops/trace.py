@@ -9,9 +9,12 @@ line of its pre-login dialogue on both of its connections:
 and, once the relay starts, nothing but the byte counts at its end.  This is
 for teaching and debugging, so the lines are the wire's, with one exception:
 whatever proves an identity is shown as `***`: LOGIN passwords (quoted,
-atom or literal), every SASL response and initial response (base64), the
-APOP and CRAM-MD5 digests, POP3 PASS, and the same on the backend side (the
-LOGIN password literal, PASS, AUTH PLAIN and the AUTH LOGIN answers).  The
+atom or literal), every SASL response and initial response (base64:
+XOAUTH2 and OAUTHBEARER tokens too, and the answer to an Auth-Error-SASL
+challenge), the APOP and CRAM-MD5 digests, POP3 PASS, and the same on the
+backend side (the LOGIN password literal, PASS, and every initial response
+and answer of an AUTH or AUTHENTICATE, such as an XOAUTH2 token:
+backend_sasl.py).  The
 login itself, challenges and XCLIENT are shown.
 
 Client lines are redacted from what the session's parser made of them,
@@ -131,7 +134,11 @@ def imap_to_backend(state, data):
         return shown(user) + " " + REDACTED, LOGIN_SECRET
     if state == LOGIN_SECRET:
         return REDACTED, COMMAND
-    (_tag, verb), _ = _words(data, 2)
+    if state == SASL:
+        return REDACTED, SASL
+    (tag, verb), rest = _words(data, 2)
+    if verb.upper() == b"AUTHENTICATE":
+        return _sasl_start(tag + b" " + verb, rest)
     if verb.upper() != b"LOGIN":
         return shown(data), COMMAND
     head, _, rest = data.partition(b"\r\n")
@@ -145,7 +152,11 @@ def imap_to_backend(state, data):
 # ------------------------------------------------------------------ POP3
 
 def pop3_to_backend(state, data):
+    if state == SASL:
+        return REDACTED, SASL
     (verb,), rest = _words(data, 1)
+    if verb.upper() == b"AUTH":
+        return _sasl_start(verb, rest)
     if verb.upper() == b"PASS":
         return _hidden_after(verb, rest), state
     return shown(data), state
@@ -159,19 +170,29 @@ def smtp_server(state, line):
 
 
 def smtp_to_backend(state, data):
-    """AUTH PLAIN's token and AUTH LOGIN's two answers are hidden."""
+    """AUTH's initial response and every answer after it are hidden."""
     if state == SASL:
         return REDACTED, SASL
     (verb,), rest = _words(data, 1)
     if verb.upper() == b"AUTH":
-        (mechanism,), initial = _words(rest, 1)
-        return _hidden_after(verb + b" " + mechanism, initial), \
-            COMMAND if initial.strip() else SASL
+        return _sasl_start(verb, rest)
     return shown(data), COMMAND
 
 
-def unchanged(state, line):
-    return state
+def _sasl_start(head, rest):
+    """`AUTH`/`tag AUTHENTICATE` and the mechanism shown, an initial
+    response hidden; the answers that follow are hidden until the
+    backend's final reply (`*_server`)."""
+    (mechanism,), initial = _words(rest, 1)
+    return _hidden_after(head + b" " + mechanism, initial), SASL
+
+
+def plus_server(state, line):
+    """IMAP and POP3: a `+` line continues a SASL exchange (RFC 3501 7.5,
+    RFC 5034 4); any other line (`+OK` too) ends it."""
+    if state != SASL or line.startswith(b"+ ") or words.line_body(line) == b"+":
+        return state
+    return COMMAND
 
 
 @dataclass(frozen=True)
@@ -183,8 +204,8 @@ class Redactor:
 
 
 REDACTORS = {
-    "imap": Redactor(imap_to_backend, unchanged),
-    "pop3": Redactor(pop3_to_backend, unchanged),
+    "imap": Redactor(imap_to_backend, plus_server),
+    "pop3": Redactor(pop3_to_backend, plus_server),
     "smtp": Redactor(smtp_to_backend, smtp_server),
 }
 

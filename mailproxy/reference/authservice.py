@@ -6,13 +6,24 @@ answers from a users file:
 
     # login  password              backends
     joe      {SCRYPT}16384$8$1$...  imap=127.0.0.1:1143 pop3=127.0.0.1:1110 smtp=127.0.0.1:1025
-    ann      {PLAIN}pa55word        imap=10.0.0.5:143 auth-user=ann@example.org
+    ann      {PLAIN}pa55word        imap=10.0.0.5:143,10.0.0.6:143 auth-user=ann@example.org
 
 Passwords are stored as scrypt hashes (`mailproxy auth-service passwd joe`
 writes one), or as `{PLAIN}text` (`{PLAIN-B64}base64` if it holds white
 space or "#") for users who log in with CRAM-MD5 or APOP: those send a
 digest of the password, and checking a digest needs the clear text.
-`auth-user=` renames the login toward the backend.  For SMTP without
+`auth-user=` renames the login toward the backend.  A protocol may list
+several backends, comma-separated: the first is named, and when the proxy
+asks again because a backend failed (`Auth-Backend-Failed: ADDR:PORT`
+headers, `proxy_backend_tries`), the first one that has not failed.
+`bearer=TOKEN` lets the user log in with XOAUTH2 or OAUTHBEARER and that
+bearer token (a demonstration: a real site asks its OAuth provider
+instead); the backend login then needs a {PLAIN} password for IMAP and
+POP3, as for CRAM-MD5, and a refused token is answered with an
+Auth-Error-SASL challenge.  A user with `token-url=`, `client-id=`,
+`client-secret=` and `refresh-token=` is an OAuth account toward the
+backend: a login is answered with an access token and `Auth-Backend-Auth`
+(oauth_tokens.py: the password-to-OAuth bridge).  For SMTP without
 authentication (`smtp_auth none`, MX mode), the recipient's local part picks
 the user whose smtp= backend takes the mail.
 
@@ -38,8 +49,11 @@ import stat
 import tempfile
 import threading
 import time
+import logging
 import urllib.parse
 from dataclasses import dataclass, field
+
+from . import oauth_tokens
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1     # interactive-login cost (RFC 7914 12)
 MAX_WAIT = 8                    # seconds: Auth-Wait doubles per attempt up to this
@@ -58,6 +72,8 @@ _scrypt_slots = threading.BoundedSemaphore(CHECKS_AT_ONCE)
 SCHEMES = ("{SCRYPT}", "{PLAIN}", "{PLAIN-B64}")
 INVALID = "Invalid login or password"
 LOCKED = "Too many failures, try again later"
+UNAVAILABLE = "Temporary authentication failure"     # no token, or no backend left
+log = logging.getLogger("mailproxy.authservice")
 
 
 class UsersFileError(Exception):
@@ -68,8 +84,10 @@ class UsersFileError(Exception):
 class User:
     login: str
     secret: str                 # "{SCRYPT}..." or "{PLAIN}..."
-    backends: dict = field(default_factory=dict)   # protocol -> (host, port)
+    backends: dict = field(default_factory=dict)   # protocol -> [(host, port), ...]
     backend_login: str = None
+    bearer: str = None          # the token XOAUTH2 and OAUTHBEARER logins must show
+    oauth: oauth_tokens.Account = None
 
     @property
     def clear_text(self):
@@ -152,16 +170,22 @@ def _parse_user(words):
         raise ValueError("expected 'login password [backends]'")
     user = User(words[0], words[1])
     _check_secret(user)
+    oauth = {}
     for word in words[2:]:
         key, eq, value = word.partition("=")
         if not eq:
             raise ValueError(f"expected key=value, got {word!r}")
         if key == "auth-user":
             user.backend_login = value
+        elif key == "bearer":
+            user.bearer = value
         elif key in ("imap", "pop3", "smtp"):
-            user.backends[key] = _backend(value)
+            user.backends[key] = [_backend(item) for item in value.split(",")]
+        elif key in oauth_tokens.KEYS:
+            oauth[key] = value
         else:
             raise ValueError(f"unknown key {key!r}")
+    user.oauth = oauth_tokens.account(oauth)
     return user
 
 
@@ -315,7 +339,12 @@ class AuthService(http.server.ThreadingHTTPServer):
     def __init__(self, address, users_path):
         self.users = Users(users_path)
         self.failures = Failures()
+        self.tokens = oauth_tokens.Tokens()
         super().__init__(address, AuthHandler)
+
+    def server_close(self):
+        super().server_close()
+        self.tokens.close()
 
     def decide(self, headers):
         method = headers.get("Auth-Method", "")
@@ -328,12 +357,33 @@ class AuthService(http.server.ThreadingHTTPServer):
         login = _unescape(headers.get("Auth-User", ""))
         user = self.users.get(login.decode("utf-8", "replace"))
         if user and protocol in user.backends and _verify(user, method, headers):
-            return _admit(user, protocol, needs_password=method != "plain")
+            return self.admit(user, protocol, method != "plain", headers)
         if method == "plain" and (user is None or protocol not in user.backends):
             # as slow as a known login's check: the timing names no account
             check_password(User("", DECOY), _unescape(headers.get("Auth-Pass", "")))
         self.failures.add(client)
-        return _refusal(INVALID, protocol, _attempt(headers))
+        return bearer_refusal(method, _refusal(INVALID, protocol, _attempt(headers)))
+
+    def admit(self, user, protocol, needs_password, headers):
+        """Where to and as whom: the first backend of the user's list that
+        has not failed (Auth-Backend-Failed), the password or, for an
+        OAuth account, an access token and the mechanism to use it with."""
+        answer = _next_backend(user, protocol, headers)
+        if answer["Auth-Status"] != "OK":
+            return answer
+        if user.backend_login:
+            answer["Auth-User"] = _wire(user.backend_login)
+        if user.oauth:
+            try:
+                token = self.tokens.access_token(user.login, user.oauth)
+            except oauth_tokens.TokenError as exc:
+                log.warning("no access token for %s: %s", user.login, exc)
+                return _refusal(UNAVAILABLE, protocol, attempt=None, code="454 4.7.0")
+            answer.setdefault("Auth-User", _wire(user.login))
+            answer.update({"Auth-Pass": token, "Auth-Backend-Auth": user.oauth.mechanism})
+        elif needs_password and user.clear_text is not None:
+            answer["Auth-Pass"] = _wire(user.clear_text)
+        return answer
 
     def route_recipient(self, headers):
         """MX mode: `RCPT TO:<joe@example.org>` goes to joe's smtp backend."""
@@ -342,8 +392,7 @@ class AuthService(http.server.ThreadingHTTPServer):
         user = self.users.get(address.partition("@")[0]) or self.users.get(address)
         if user is None or "smtp" not in user.backends:
             return {"Auth-Status": "User unknown", "Auth-Error-Code": "550 5.1.1"}
-        host, port = user.backends["smtp"]
-        return {"Auth-Status": "OK", "Auth-Server": host, "Auth-Port": str(port)}
+        return _next_backend(user, "smtp", headers)
 
 
 def _verify(user, method, headers):
@@ -351,6 +400,8 @@ def _verify(user, method, headers):
     salt = headers.get("Auth-Salt", "").encode("latin-1").strip()
     if method == "plain":
         return check_password(user, password)
+    if method in BEARER_METHODS:
+        return check_bearer(user, password)
     if user.clear_text is None:
         return False                # digests need the clear text: a {PLAIN} entry
     if method == "cram-md5":
@@ -360,13 +411,23 @@ def _verify(user, method, headers):
     return False                    # external: needs a client certificate (TLS)
 
 
-def _admit(user, protocol, needs_password):
-    host, port = user.backends[protocol]
-    answer = {"Auth-Status": "OK", "Auth-Server": host, "Auth-Port": str(port)}
-    if user.backend_login:
-        answer["Auth-User"] = _wire(user.backend_login)
-    if needs_password and user.clear_text is not None:
-        answer["Auth-Pass"] = _wire(user.clear_text)
+# ------------------------------------------- bearer tokens (XOAUTH2, OAUTHBEARER)
+
+BEARER_METHODS = ("xoauth2", "oauthbearer")
+# RFC 7628 3.2.2: the error a client hears (as a SASL challenge) when its
+# token is refused; the proxy sends it, base64, before the failure reply.
+BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token","schemes":"bearer"}').decode()
+
+
+def check_bearer(user, token):
+    """The token the users file holds for `user` (its bearer= key)."""
+    return user.bearer is not None and hmac.compare_digest(user.bearer.encode(), token)
+
+
+def bearer_refusal(method, answer):
+    """A refused XOAUTH2 or OAUTHBEARER login also carries Auth-Error-SASL."""
+    if method in BEARER_METHODS:
+        answer["Auth-Error-SASL"] = BEARER_ERROR
     return answer
 
 
@@ -385,6 +446,25 @@ def _attempt(headers):
     return max(int(text), 1) if text.isascii() and text.isdigit() else 1
 
 
+def _next_backend(user, protocol, headers):
+    """The answer naming the first of the user's backends that the proxy
+    has not reported failed (Auth-Backend-Failed), or, with none left, a
+    temporary failure."""
+    failed = headers.get_all("Auth-Backend-Failed") or []
+    backend = next((b for b in user.backends[protocol] if _hostport(b) not in failed), None)
+    if backend is None:
+        log.warning("no backend left for %s (%s): %s failed", user.login, protocol,
+                    ", ".join(failed))
+        return _refusal(UNAVAILABLE, protocol, attempt=None, code="454 4.7.0")
+    return {"Auth-Status": "OK", "Auth-Server": backend[0], "Auth-Port": str(backend[1])}
+
+
+def _hostport(backend):
+    """`ADDR:PORT`, `[ADDR]:PORT` for IPv6: as Auth-Backend-Failed names it."""
+    host, port = backend
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _wire(text):
     """The proxy uses Auth-User/Auth-Pass raw, and http.server writes
     header values as latin-1: hand it the UTF-8 bytes one to one."""
@@ -398,6 +478,8 @@ def _unescape(value):
 
 def serve(users_path, host="127.0.0.1", port=9000):
     """Run until interrupted (the `mailproxy auth-service` command)."""
+    if not logging.getLogger().handlers:        # token and backend failures to stderr
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
     service = AuthService((host, port), users_path)
     try:
         service.serve_forever()

@@ -16,7 +16,7 @@ COMMAND_LIMIT = 65536       # one IMAP command with its literals (only LOGIN sen
 IDLE_LIMIT = 30 * 60        # RFC 2177 3: clients re-issue IDLE at least every 29 minutes
 IDLE_POLL = 0.25            # seconds between two looks for new mail during IDLE
 
-IMAP_CAPABILITIES = b"IMAP4rev1 IDLE LITERAL+ UIDPLUS"
+IMAP_CAPABILITIES = b"IMAP4rev1 ID IDLE LITERAL+ UIDPLUS"
 IMAP_GREETING = b"* OK [CAPABILITY " + IMAP_CAPABILITIES + b"] demo IMAP ready\r\n"
 IMAP_CAPABILITY = b"* CAPABILITY " + IMAP_CAPABILITIES + CRLF
 IMAP_CONTINUE = b"+ Ready for literal data\r\n"
@@ -53,7 +53,7 @@ class ImapBackend(Conversation):
     protocol = "imap"
     GREETING, TOO_LONG, TIMED_OUT = IMAP_GREETING, IMAP_TOO_LONG, IMAP_TIMED_OUT
     TOO_MANY_ERRORS, UNKNOWN, NOT_NOW = IMAP_TOO_MANY_ERRORS, IMAP_UNKNOWN, IMAP_NOT_NOW
-    ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT"}
+    ANY_STATE = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
     AUTHENTICATED = ANY_STATE | {"LIST", "LSUB", "SELECT", "EXAMINE", "STATUS", "IDLE"}
     STATES = {"not authenticated": ANY_STATE | {"LOGIN"},       # RFC 3501 3
               "authenticated": AUTHENTICATED,
@@ -63,6 +63,7 @@ class ImapBackend(Conversation):
                     "EXPUNGE": "expunge"}                        # RFC 3501 6.4.8, RFC 4315
     state = "not authenticated"
     user = None
+    origin = None               # (ip, port) of the client, if a proxy named it in ID
     readonly = False
     view = ()
 
@@ -118,6 +119,27 @@ class ImapBackend(Conversation):
         self.send(IMAP_BYE)
         self.ok(command, b"LOGOUT completed")
         self.state = CLOSED
+
+    def do_ID(self, command):
+        """RFC 2971.  A proxy's `x-originating-ip`/`-port` (Dovecot's fields,
+        mailproxy's `proxy_client_address`) name the client; this demo
+        trusts them from anyone.  The answer says who the client is, as far
+        as this backend knows."""
+        if len(command.args) != 1:
+            raise Refused(IMAP_SYNTAX)
+        fields = command.args[0]
+        if isinstance(fields, list) and len(fields) % 2 == 0 and \
+                all(isinstance(item, bytes) for item in fields):
+            given = {fields[i].lower(): fields[i + 1] for i in range(0, len(fields), 2)}
+            if b"x-originating-ip" in given:
+                self.origin = (given[b"x-originating-ip"].decode("ascii", "replace"),
+                               given.get(b"x-originating-port", b"?").decode("ascii", "replace"))
+        elif fields != b"NIL":
+            raise Refused(IMAP_SYNTAX)
+        host, port = self.origin or self.client_address[:2]
+        self.untagged(b'ID ("name" "mailproxy demo" "client" "%s:%s")' % (
+            host.encode(), str(port).encode()))
+        self.ok(command, b"ID completed")
 
     def do_LOGIN(self, command):
         user, password = strings(command.args, 2)
