@@ -31,7 +31,7 @@ import peers
 from certs import Peer, issue_named
 from fakes import ScriptedAuthService, fail
 from harness import RunningProxy, free_port
-from mailproxy import hello, names, smtp
+from mailproxy import hello, imap, names, smtp
 from mailproxy.config import ConfigError, load
 from mailproxy.imap import GREETING
 
@@ -300,6 +300,66 @@ def test_a_session_resumed_under_one_name_is_refused_under_another(setup, certs,
         assert not peer.sock.session_reused
         assert common_name(peer.sock) == CN["a" if second == "imap.a.test" else
                                             "b" if second else "default"]
+
+
+# -------------------------------------------- each block's own TLS settings
+
+@pytest.fixture(scope="module")
+def strict(certs, tmp_path_factory):
+    """One address, two blocks: the first as lax as the defaults, the second
+    (strict.test) with client certificates required and TLSv1.3 only.
+    Returns the port."""
+    folder = tmp_path_factory.mktemp("strict")
+    port = free_port()
+    common = (f"listen 127.0.0.1:{port} ssl; protocol imap; auth_http 127.0.0.1:9/auth; "
+              f"ssl_certificate {certs.rsa.cert}; ssl_certificate_key {certs.rsa.key};")
+    conf = folder / "mail.conf"
+    conf.write_text(f"error_log {folder / 'error.log'} info;\nmail {{\n"
+                    f"server {{ {common} server_name lax.test; }}\n"
+                    f"server {{ {common} server_name strict.test; ssl_protocols TLSv1.3; "
+                    f"ssl_verify_client on; ssl_client_certificate {certs.ca.cert}; }}\n}}\n")
+    proxy = RunningProxy.from_file(conf, folder / "error.log")
+    yield port
+    proxy.stop()
+
+
+@pytest.mark.parametrize("name, cert, expected", [
+    ("lax.test", False, GREETING), ("strict.test", True, GREETING),
+    ("strict.test", False, imap.NO_CERTIFICATE)])
+def test_the_named_block_asks_for_its_own_client_certificate(strict, certs, name, cert,
+                                                             expected):
+    context = client_context(certs)
+    if cert:
+        context.load_cert_chain(certs.client.cert, certs.client.key)
+    with Peer(tls_connect(strict, context, name)) as peer:
+        assert peer.line() == expected
+
+
+def test_the_named_block_keeps_its_own_tls_versions(strict, certs):
+    context = client_context(certs)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with Peer(tls_connect(strict, context, "lax.test")) as peer:
+        assert peer.line() == GREETING and peer.sock.version() == "TLSv1.2"
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+        tls_connect(strict, context, "strict.test").close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_a_lax_session_does_not_pass_the_strict_block_cve_2025_23419(strict, certs, version):
+    """nginx's CVE-2025-23419: a session from a block that asks for no
+    client certificate, resumed under the name of one that does."""
+    context = client_context(certs)
+    context.maximum_version = getattr(ssl.TLSVersion, version)
+    session = None
+    for _ in range(2):
+        with Peer(tls_connect(strict, context, "lax.test", session)) as peer:
+            assert peer.line() == GREETING
+            resumed, session = peer.sock.session_reused, peer.sock.session
+    assert resumed
+    context.maximum_version = ssl.TLSVersion.TLSv1_3       # what strict.test accepts
+    with Peer(tls_connect(strict, context, "strict.test", session)) as peer:
+        assert peer.line() == imap.NO_CERTIFICATE
+        assert not peer.sock.session_reused
 
 
 # ------------------------------------------------------------ -t errors
