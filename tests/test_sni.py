@@ -6,9 +6,13 @@ and a STARTTLS address (the default, an exact name, and wildcards), and two
 SMTP blocks do the same.  Real clients (Python's ssl, smtplib's wire
 through certs.Peer, `openssl s_client -servername`) check the certificate
 served (its subject CN) and what differs per block: capabilities, the
-SMTP greeting and EHLO name, the auth service asked.  Then a session
-resumed under one name is refused under another, and each mistake in
-sharing an address is a `-t` error naming file:line.
+SMTP greeting and EHLO name, the auth service asked.  A second proxy
+shows that each block keeps its own TLS settings (client certificates,
+versions) and that a session resumed under one name is refused under
+another (nginx's CVE-2025-23419).  The ClientHello reader (hello.py) gets
+whole, split, trickled, truncated and random hellos; each mistake in
+sharing an address is a `-t` error naming file:line; examples/sni.conf
+picks as its comments say.
 """
 
 import functools
