@@ -130,7 +130,7 @@ class AuthClient:
         # The request goes straight to requests' transport adapter: a
         # requests.Session would add what nginx does not do (cookies, netrc,
         # proxies from the environment, redirects), and its per-request
-        # bookkeeping was a sixth of an auth request's CPU.
+        # bookkeeping was a twentieth of an auth request's Python calls.
         self.adapter = AuthAdapter(pool)
         # What is the same in every request is made once: the URL as
         # requests prepares it, the headers after the per-login ones, and

@@ -6,8 +6,9 @@ public classes and documented extension points:
 * one `AuthAdapter` per server, which auth_http.py sends each prepared
   request through (`HTTPAdapter.send()`, no requests.Session: nothing of
   a session's is wanted).  Subclassing HTTPAdapter is requests' way to
-  change the transport, and `get_connection_with_tls_context()` is the method it
-  exposes "for use when subclassing" to choose the pool for a request:
+  change the transport, and `get_connection_with_tls_context()` is the
+  method it exposes "for use when subclassing" to choose the pool for a
+  request:
   ours returns one `AuthPool`, whatever host the URL names.  For
   `auth_http unix:/path:/uri` the URL is http://localhost/uri and the
   pool holds the path;
@@ -63,9 +64,8 @@ failure (spec 2.1).  DeadlineSocket notes a read that met the close, and
 
 Unlike nginx, which opens a new connection per attempt, the pool keeps
 connections alive.  What the session threads share is the pool, which is
-safe to share.  It keeps up to
-POOL_SIZE idle connections; a login that finds none idle opens one more
-rather than wait (block off).  No request is ever sent twice (NO_RETRY says
+safe to share.  It keeps up to POOL_SIZE idle connections; a login that
+finds none idle opens one more rather than wait (block off).  No request is ever sent twice (NO_RETRY says
 why).
 """
 
