@@ -8,8 +8,7 @@ public classes and documented extension points:
   a session's is wanted).  Subclassing HTTPAdapter is requests' way to
   change the transport, and `get_connection_with_tls_context()` is the
   method it exposes "for use when subclassing" to choose the pool for a
-  request:
-  ours returns one `AuthPool`, whatever host the URL names.  For
+  request: ours returns one `AuthPool`, whatever host the URL names.  For
   `auth_http unix:/path:/uri` the URL is http://localhost/uri and the
   pool holds the path;
 * `AuthPool`: urllib3's HTTPConnectionPool making `AuthConnection`s (its
