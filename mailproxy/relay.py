@@ -11,7 +11,8 @@ soon as one side reaches EOF and drops what is in flight.
 Both sockets are blocking with a timeout of `proxy_timeout`, so every
 write waits at most that long; a read first waits (poll()) for bytes to
 read, no longer than that, and only then asks for them, so that a copier
-blocked on a quiet peer holds no buffer.  Two limits keep a relay from
+blocked on a quiet peer holds no buffer (a TlsChannel's recv() waits the
+same way for its raw bytes).  Two limits keep a relay from
 living for ever:
 * `proxy_timeout`: no byte in either direction for this long ends the
   session (nginx re-arms on client traffic only; any traffic is friendlier
@@ -108,14 +109,15 @@ class Relay:
         relay has been stopped (by a time limit or a broken TLS stream).
         It waits for bytes before it asks for them: a recv(size) that
         blocks holds its `size`-byte buffer all the while, and an idle
-        session would hold two."""
+        session would hold two.  A TlsChannel's recv() waits that way
+        itself, so a channel is asked at once."""
         while True:
             left = self.time_left()
             if left <= 0:
                 self.stop("timeout")
                 return None
             try:
-                if readable(source, left):
+                if not isinstance(source, socket.socket) or readable(source, left):
                     return source.recv(size)
             except TimeoutError:
                 pass                    # a TLS record's tail that did not come
