@@ -8,7 +8,9 @@ One login, followed through the modules in the order it touches them:
                   and addresses.py parse the arguments),
     server.py     opens one socketserver.ThreadingTCPServer-style listener
                   per `listen`, which starts a handler thread per
-                  connection, which runs
+                  connection (names.py: several server{} blocks on one
+                  address, picked by the TLS server name that hello.py
+                  reads from the ClientHello), which runs
     session.py    the protocol-independent dialogue: greet, read commands
                   under the `timeout` deadline, dispatch them to
     imap.py       the protocol's own verbs (pop3.py and smtp.py likewise;

@@ -25,7 +25,7 @@ from urllib3 import HTTPHeaderDict
 from urllib3.util import SKIP_HEADER
 
 from .addresses import UNIX_PREFIX, AuthHttp
-from .auth_transport import TIMED_OUT, AuthAdapter, AuthPool
+from .auth_transport import TIMED_OUT, AuthAdapter, AuthPool, watching
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
 MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
@@ -176,12 +176,16 @@ class AuthClient:
         headers.update({"Accept-Encoding": SKIP_HEADER, "User-Agent": SKIP_HEADER})
         return headers
 
-    def ask(self, request):
+    def ask(self, request, watch=None):
         """One GET; the reply's headers are the answer.  With stream=True
         the session returns once the headers are in, leaving the body to
         _finish(); no redirect is followed (nginx ignores the status).
         requests' own timeout (per socket operation) is never the one that
-        ends a request: the connection's deadline comes first."""
+        ends a request: the connection's deadline comes first.  With
+        `watch` (the client's raw socket) the wait for the headers ends
+        with stream.ClientGone, and the connection is dropped, as soon as
+        the client closes (auth_transport.py); the body that follows them
+        is read unwatched."""
         prepared = self.template.copy()
         headers = self.wire_headers(request)
         try:
@@ -190,8 +194,9 @@ class AuthClient:
             prepared.prepare_headers({name: value.encode("latin-1")
                                       for name, value in headers.items()})
             prepared.headers = headers          # and this goes out, repeated names kept
-            response = self.http.send(prepared, timeout=(self.timeout, self.timeout),
-                                      stream=True, allow_redirects=False)
+            with watching(watch):
+                response = self.http.send(prepared, timeout=(self.timeout, self.timeout),
+                                          stream=True, allow_redirects=False)
         except requests.RequestException as exc:
             raise AuthServiceError(self.failure(exc)) from None
         except ValueError:

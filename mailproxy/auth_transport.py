@@ -38,6 +38,21 @@ same deadline.  One wait is outside it: a host name in `auth_http` is
 looked up (getaddrinfo, which takes no timeout) as a connection opens; an
 IP literal needs no lookup.
 
+The client's close: a login whose client has gone need not wait for its
+answer.  `AuthClient.ask()` sends the request inside `watching(sock)`,
+which names the client's raw socket for the thread (a threading.local:
+the request passes through requests and urllib3, which carry no such
+value); `AuthConnection.request()` reads it as it arms the socket, and
+before each recv_into up to the end of the reply's headers DeadlineSocket
+waits with stream.wait_readable(), which raises stream.ClientGone when the
+client closes or resets (the body, sent with the headers, is read
+unwatched).  ClientGone is none of the errors urllib3 handles, so it
+leaves through requests as it came, and urllib3's `urlopen()` closes the
+connection on its way out (a request that ended by any exception does not
+give its connection back to the pool), so a half-read reply is never read
+as the next login's.  The connect and the send are not watched (a
+blocking connect() cannot be polled; the request is one short write).
+
 The end of the headers: http.client takes the service's close as the end
 of the headers, while nginx counts a reply cut before its blank line as a
 failure (spec 2.1).  DeadlineSocket notes a read that met the close, and
@@ -52,8 +67,10 @@ rather than wait (block off).  No request is ever sent twice (NO_RETRY says
 why).
 """
 
+import contextlib
 import http.client
 import socket
+import threading
 import time
 
 import requests.adapters
@@ -61,6 +78,8 @@ from urllib3 import HTTPConnectionPool
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import Retry
+
+from .stream import wait_readable
 
 POOL_SIZE = 64              # idle keep-alive connections kept per server
 TIMED_OUT = "timed out"
@@ -75,6 +94,18 @@ TIMED_OUT = "timed out"
 # for the close before it reuses one, and connects anew.  Only a close that
 # crosses a request on the wire fails that login (internal error).
 NO_RETRY = Retry(total=0, connect=0, read=False, redirect=False, status=0, other=0)
+_watched = threading.local()    # .sock: the client socket of this thread's request
+
+
+@contextlib.contextmanager
+def watching(sock):
+    """Within the block, requests this thread sends end with
+    stream.ClientGone as soon as `sock` (a raw socket) closes."""
+    _watched.sock = sock
+    try:
+        yield
+    finally:
+        _watched.sock = None
 
 
 class AuthAdapter(requests.adapters.HTTPAdapter):
@@ -103,12 +134,14 @@ class DeadlineSocket(socket.socket):
     instead of each waiting a full timeout: before each call it sets the
     socket timeout to the time left, and past the deadline it raises
     TimeoutError at once.  `ended` says a read has met the peer's close
-    since the socket was armed."""
+    since the socket was armed; `watch`, a socket whose close ends each
+    read with stream.ClientGone (None: none)."""
 
     @classmethod
-    def connected(cls, address, deadline):
+    def connected(cls, address, deadline, watch=None):
         """A socket connected to a unix path or a (host, port) by the
-        deadline; each address a host name gives is tried in turn."""
+        deadline, armed with it and `watch`; each address a host name
+        gives is tried in turn."""
         if isinstance(address, str):
             candidates = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, "", address)]
         else:
@@ -116,7 +149,7 @@ class DeadlineSocket(socket.socket):
         error = OSError(f"no address for {address}")
         for family, kind, proto, _, sockaddr in candidates:
             sock = cls(family, kind, proto)
-            sock.arm(deadline)
+            sock.arm(deadline, watch)
             try:
                 sock.connect(sockaddr)
             except OSError as exc:
@@ -128,10 +161,12 @@ class DeadlineSocket(socket.socket):
             return sock
         raise error
 
-    def arm(self, deadline):
+    def arm(self, deadline, watch=None):
         """Start one request: every wait from now on ends by `deadline`
-        (a time.monotonic() value)."""
+        (a time.monotonic() value), and every read early if `watch`
+        closes."""
         self.deadline = deadline
+        self.watch = watch
         self.ended = False
 
     def time_left(self):
@@ -149,6 +184,8 @@ class DeadlineSocket(socket.socket):
         super().sendall(data, flags)
 
     def recv_into(self, buffer, nbytes=0, flags=0):
+        if self.watch is not None:
+            wait_readable(self, self.time_left(), self.watch)
         self.settimeout(self.time_left())
         count = super().recv_into(buffer, nbytes, flags)
         if count == 0:
@@ -159,20 +196,23 @@ class DeadlineSocket(socket.socket):
 class AuthConnection(HTTPConnection):
     """One connection to the auth service, over TCP or, with `path`, a
     unix socket.  For each request urllib3 calls request(), which arms the
-    socket with the request's deadline (now + `budget`, auth_http_timeout),
-    then getresponse(); the socket is opened (connect()) on the first
-    request and again after a close."""
+    socket with the request's deadline (now + `budget`, auth_http_timeout)
+    and the client socket `watching()` names, then getresponse(); the
+    socket is opened (connect()) on the first request and again after a
+    close."""
 
     def __init__(self, host, port=None, *, path=None, budget, **kwargs):
         super().__init__(host, port, **kwargs)
         self.path = path
         self.budget = budget
         self.deadline = None
+        self.watch = None
 
     def request(self, *args, **kwargs):
         self.deadline = time.monotonic() + self.budget
+        self.watch = getattr(_watched, "sock", None)
         if self.sock is not None:
-            self.sock.arm(self.deadline)
+            self.sock.arm(self.deadline, self.watch)
         super().request(*args, **kwargs)
 
     def connect(self):
@@ -180,7 +220,7 @@ class AuthConnection(HTTPConnection):
         raised as urllib3's own connect errors, as its connect() does."""
         address = self.path or (self.host, self.port)
         try:
-            self.sock = DeadlineSocket.connected(address, self.deadline)
+            self.sock = DeadlineSocket.connected(address, self.deadline, self.watch)
         except TimeoutError as exc:
             raise ConnectTimeoutError(self, f"connecting to {address} timed out") from exc
         except OSError as exc:
@@ -189,6 +229,7 @@ class AuthConnection(HTTPConnection):
     def getresponse(self):
         sock = self.sock                # http.client lets it go when the reply says close
         response = super().getresponse()
+        sock.watch = None               # the body is read unwatched (AuthClient.ask)
         if sock.ended:                  # the headers stopped at the close, not a blank line
             response.close()
             raise IncompleteHeaders("connection closed before the end of the headers")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from . import conffile
 from . import directives as d
-from . import tls_context
+from . import names, tls_context
 from .conffile import COMMAND_LINE, ConfigError, Where
 from .values import BadDirective, BadValue, plain_text
 
@@ -243,7 +243,7 @@ def _build(path, prefix, levels):
     _refuse_later(main, mail, levels.get("events"), *levels["servers"])
     servers = tuple(_server(level, mail, main, os.path.dirname(path))
                     for level in levels["servers"])
-    _check_duplicate_listens(servers)
+    names.shared_addresses(servers)        # servers sharing an address must agree
     workers = _effective("worker_processes", main).value
     if workers == "auto":
         workers = os.cpu_count() or 1
@@ -294,6 +294,7 @@ def _server(level, mail, main, conf_prefix):
     listens = _apply_legacy_keepalive(listens.value, settings["so_keepalive"])
     protocol = _protocol(level, listens)
     server = ServerConfig(settings, listens, protocol, level.where)
+    names.check_names(server)
     level.warnings += [f"{text} in {settings[name].where or level.where}"
                        for name, text in _check_tls(server) + _check_mx(server)]
     return server
@@ -398,17 +399,6 @@ def _refuse_later(*levels):
                                   setting.where)
             raise ConfigError(f'"{name}" directive is not supported ({row.note}); '
                               "see docs/directives.md", setting.where)
-
-
-def _check_duplicate_listens(servers):
-    seen = set()
-    for server in servers:
-        for entry in server.listens:
-            key = (entry.host, entry.port)
-            if key in seen:
-                raise ConfigError(f'duplicate "{entry.name}" address and port pair',
-                                  entry.where)
-            seen.add(key)
 
 
 # ----------------------------------------------------------------- dumping

@@ -286,7 +286,7 @@ _ROWS = [
     Directive("listen", (SERVER,), (1, None), listen, repeat=True),
     Directive("protocol", (SERVER,), (1, 1), single(one_of(*PROTOCOLS))),
     Directive("timeout", M_S, (1, 1), single(parse_time), ["60s"]),
-    Directive("server_name", M_S, (1, 1), single(str)),
+    Directive("server_name", M_S, (1, None), single(str)),    # the first is its own name
     Directive("resolver", M_S, (1, None), resolver, ["off"]),
     Directive("resolver_timeout", M_S, (1, 1), single(parse_time), ["30s"]),
     Directive("max_errors", M_S, (1, 1), single(parse_number), ["5"]),

@@ -2,7 +2,8 @@
 
 `socket_plan()` turns the `listen` lines of every server{} into the sockets
 to open: as in nginx, a specific address on a port that also has a
-wildcard is served by the wildcard's socket unless it says `bind`.
+wildcard is served by the wildcard's socket unless it says `bind`, and
+several servers may share one address (names.py tells them apart).
 `open_socket()` applies the `listen` parameters (backlog, buffers,
 keepalive, ipv6only, multipath).  The worker (server.py) opens them when
 it runs alone; the master process (ops/master.py) opens them before it
@@ -13,26 +14,29 @@ import os
 import socket
 import stat
 
+from .names import shared_addresses
+
 UNIX_SOCKET_MODE = 0o666    # nginx's: the directory, not the socket, says who may connect
 STALE_PROBE_TIMEOUT = 1.0   # a live unix: listener accepts a probe at once
 
 
 def socket_plan(config):
     """[(Listen entry, default route, routes)] for the sockets to open, a
-    route being (server index, Listen entry): a wildcard socket also serves
+    route being (server indexes, Listen entry): the servers on one address,
+    the first being its default (names.py).  A wildcard socket also serves
     the same port's specific addresses that do not ask for `bind` (nginx's
     rule, spec 1.2)."""
-    entries = [(entry, index) for index, server in enumerate(config.servers)
-               for entry in server.listens]
-    wildcards = {(e.family, e.port): (e, i) for e, i in entries if e.wildcard}
+    groups = [(tuple(index for index, _ in members), members[0][1])
+              for members in shared_addresses(config.servers).values()]
+    wildcards = {(e.family, e.port): (i, e) for i, e in groups if e.wildcard}
     plan = {}
-    for entry, index in entries:
+    for indexes, entry in groups:
         owner = wildcards.get((entry.family, entry.port))
-        if owner and owner[0] is not entry and not entry.bind:
-            plan.setdefault(owner[0], [(owner[1], owner[0]), {}])[1][
-                (entry.host, entry.port)] = (index, entry)
+        if owner and owner[1] is not entry and not entry.bind:
+            plan.setdefault(owner[1], [owner, {}])[1][(entry.host, entry.port)] = \
+                (indexes, entry)
         else:
-            plan.setdefault(entry, [(index, entry), {}])
+            plan.setdefault(entry, [(indexes, entry), {}])
     return [(entry, default, routes) for entry, (default, routes) in plan.items()]
 
 

@@ -29,7 +29,10 @@ while the auth service is asked (`auth_http_timeout` per request), during
 an Auth-Wait (the wait itself) and while the backend logs in (`timeout`
 from the connect, afresh for each backend that proxy_backend_tries
 tries); each write to the client afterwards, and the next try after an
-Auth-Wait, has a fresh `timeout`.
+Auth-Wait, has a fresh `timeout`.  During all three waits the client's
+close ends the session at once: the auth request and the backend Stream
+are given the client's raw socket to watch (stream.ClientGone), and
+Auth-Wait watches it itself (Stream.wait).
 """
 
 import dataclasses
@@ -133,7 +136,7 @@ def ask_once(session, request):
     session.log.debug("auth http request sent: %s, attempt %d", request.method,
                       request.attempt)
     try:
-        reply = session.service.auth.ask(request)
+        reply = session.service.auth.ask(request, watch=session.request)
     except AuthServiceError:
         session.meter.auth(session.protocol, metrics.ERROR, time.monotonic() - started)
         raise
@@ -247,6 +250,7 @@ def open_backend(session, server, port):
         session.meter.backend_error(session.protocol)
         raise
     session.log.debug("upstream connected")
+    stream.watch = session.request      # the client's close ends the login (stream.py)
     if session.tracer:
         stream = session.tracer.backend_stream(stream)
     return stream

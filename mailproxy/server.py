@@ -7,7 +7,9 @@ connection, named after the client, in which the server's session class
 (`ImapSession`, ...) runs the whole dialogue.  Several `listen` lines may
 share a port: as in nginx, a specific address on a port that also has a
 wildcard is served by the wildcard's socket (unless it says `bind`), and
-the session's server is picked, once, by the local address.
+the session's address is picked, once, by the local address; several
+servers on one address are told apart by the client's TLS server name
+(a `Route`, names.py).
 
 `Worker` is the running program: it opens the listeners, counts sessions
 against `worker_connections`, keeps the registry of running sessions, and
@@ -36,6 +38,7 @@ from . import tls_context
 from .auth_http import AuthClient
 from .imap import ImapSession
 from .listening import open_sockets, remove_socket_file, socket_key, socket_plan
+from .names import NameTable, server_names
 from .ops import metrics, status
 from .pop3 import Pop3Session
 from .smtp import SmtpSession
@@ -45,8 +48,8 @@ POLL_INTERVAL = 0.2         # how often serve_forever looks for shutdown()
 ACCEPT_PAUSE = 0.5          # seconds a listener stops accepting when out of fds
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 STOP_GRACE = 0.5            # a fast stop waits this long for the cut sessions to log
-                            # their end; one still waiting on the auth service (its
-                            # own timeout) ends with the process
+                            # their end; one still connecting to the auth service
+                            # (its own timeout) ends with the process
 
 
 class Service:
@@ -79,6 +82,25 @@ class Service:
                     "proxy_starttls)", address)
 
 
+class Route:
+    """The server{} blocks on one listening address: `default` (the first)
+    serves a client until its TLS server name picks another (names.py).
+    `shared` is False for the usual address of one block, whose sessions
+    then never look at the name."""
+
+    def __init__(self, services, listen):
+        self.default, self.listen = services[0], listen
+        self.shared = len(services) > 1
+        self.names = NameTable()
+        for service in services:
+            for name in server_names(service.config):
+                self.names.add(name, service)
+
+    def pick(self, name):
+        """The Service for a client's TLS server name (None: it sent none)."""
+        return self.names.pick(name, self.default)
+
+
 @functools.lru_cache(maxsize=1024)
 def _is_loopback(address):
     """Parsed once per backend address, not once per login."""
@@ -88,8 +110,8 @@ def _is_loopback(address):
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """One listening socket, opened by listening.open_socket() (in this
     process, or in the master process before it forked us).  `routes` maps
-    a local (host, port) to the (service, Listen entry) that serves it;
-    `default` serves the rest.
+    a local (host, port) to the Route (the services and Listen entry) that
+    serves it; `default` serves the rest.
 
     Handler threads are daemon threads (`daemon_threads`), and
     server_close() does not wait for them (`block_on_close` off): the
@@ -154,12 +176,14 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.worker.release()
 
     def finish_request(self, request, client_address):
-        """Route once, by the local address, and run that server's session."""
-        service, listen = self.route(request)
-        service.session_class(request, client_address, self, service, listen)
+        """Route once, by the local address, and run a session of that
+        address's first server (a TLS server name may pick another one of
+        the route's servers later, in the session: names.py)."""
+        route = self.route(request)
+        route.default.session_class(request, client_address, self, route)
 
     def route(self, sock):
-        """(service, Listen entry) for an accepted connection."""
+        """The Route for an accepted connection."""
         if not self.routes:
             return self.default
         try:
@@ -246,14 +270,15 @@ class Worker:
         if sockets is None:
             sockets = open_sockets(plan)
         for entry, default, routes in plan:
-            route = {key: (self.services[index], listen) for key, (index, listen) in
-                     routes.items()}
-            default = (self.services[default[0]], default[1])
-            self.listeners.append(Listener(sockets[socket_key(entry)], entry, default,
-                                           route, self))
+            route = {key: self._route(*value) for key, value in routes.items()}
+            self.listeners.append(Listener(sockets[socket_key(entry)], entry,
+                                           self._route(*default), route, self))
         if self.single and self.config.status_listen:
             self.status = status.StatusServer(status.open_socket(self.config.status_listen),
                                               self.table)
+
+    def _route(self, indexes, listen):
+        return Route([self.services[index] for index in indexes], listen)
 
     def serve(self):
         """Accept until a signal says stop; returns the exit status."""

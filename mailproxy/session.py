@@ -40,10 +40,11 @@ import time
 from . import login as login_step
 from .auth_http import AuthServiceError
 from .backend import BackendError
+from .hello import read_client_hello
 from .log import LogContext, SessionLog, hostport, printable, session_summary
 from .ops import metrics, proxy_protocol, trace
 from .sasl import EXCHANGES, make_salt
-from .stream import Closed, Stream, TooLong
+from .stream import ClientGone, Closed, Stream, TooLong
 from .tls import TlsChannel
 from .tls_certs import certificate_headers
 from .tls_context import verify_outcome
@@ -87,8 +88,11 @@ class Session(socketserver.BaseRequestHandler):
     hooks (command_limit, invalid_reply, too_long_reply, too_many_reply,
     auth_failed_reply, continuation, sasl_syntax_reply, backend_login;
     back_to_start, auth_extra_headers and relay_buffers have defaults).
-    `service` is the server{}'s shared, read-only part (server.Service);
-    `listen` the `listen` entry the client came in on."""
+    `route` (server.Route) is the address the client came in on: its
+    `listen` entry and its server{} blocks; `service` is the block's
+    shared, read-only part (server.Service) that serves the session: the
+    address's first, or the one the client's TLS server name picks
+    (serve_as)."""
 
     protocol = ""
     INTERNAL_ERROR = b""
@@ -105,8 +109,8 @@ class Session(socketserver.BaseRequestHandler):
         cls.handlers = {name[3:]: getattr(cls, name) for name in dir(cls)
                         if name.startswith("do_")}
 
-    def __init__(self, request, client_address, listener, service, listen):
-        self.service, self.listen = service, listen
+    def __init__(self, request, client_address, listener, route):
+        self.route, self.service, self.listen = route, route.default, route.listen
         super().__init__(request, client_address, listener)
 
     # ------------------------------------------------------------ frame
@@ -159,7 +163,7 @@ class Session(socketserver.BaseRequestHandler):
         try:
             self.run()
             self.ended("invalid")   # unnamed: a broken PROXY header, an early talker
-        except Closed:
+        except (Closed, ClientGone):
             self.ended("client")
             self.log.info("client closed connection")
         except TimeoutError:
@@ -292,7 +296,8 @@ class Session(socketserver.BaseRequestHandler):
     def abort(self):
         """Called from another thread (fast stop): end this session now.
         Shutting the sockets down wakes any read, write or connect in
-        progress; a request to the auth service ends by its own timeout."""
+        progress; a request to the auth service, which watches the client
+        socket, sees it closed (stream.ClientGone)."""
         self.stopped = True
         for sock in (self.request, self.backend_socket):
             if sock is not None:
@@ -372,7 +377,14 @@ class Session(socketserver.BaseRequestHandler):
         the `timeout` deadline, then check its certificate (spec 5.3).
         The command loop then starts again; there is no new greeting."""
         self.set_step("SSL handshaking")
-        self.client.start_tls(TlsChannel(self.request, self.service.tls, server_side=True))
+        service, hello = self.service, b""
+        if self.route.shared:
+            hello, name = read_client_hello(self.request, self.client.deadline)
+            service = self.route.pick(name)
+        self.client.start_tls(TlsChannel(self.request, service.tls, server_side=True,
+                                         received=hello))
+        if service is not self.service:
+            self.serve_as(service)
         self.set_step("in auth state")
         self.state = "start"
         channel = self.client.sock
@@ -386,6 +398,21 @@ class Session(socketserver.BaseRequestHandler):
         self.ended("tls")
         self.send(self.CERTIFICATE_ERROR if problem else self.NO_CERTIFICATE)
         self.quit = True
+
+    def serve_as(self, service):
+        """The client's TLS server name picked another server{} of the
+        address: its whole configuration serves the session from now on,
+        with its `timeout` counted from the connection's start.  (After
+        STARTTLS the client has seen the first server's greeting only; it
+        must ask for the capabilities again, RFC 3501 6.2.1, RFC 2595 4,
+        RFC 3207 4.2.)"""
+        self.service, self.config = service, service.config
+        self.log = SessionLog(service.logger, self.context)
+        if self.tracer:
+            self.tracer.log = self.log
+        self.log.debug("the TLS server name picks the server at %s", self.config.where)
+        self.client.set_deadline(max(0.0, self.config.timeout -
+                                     (time.monotonic() - self.started)))
 
     def upgrade(self, command, reply):
         """STARTTLS/STLS: refused (not counted) unless allowed; else the OK

@@ -15,6 +15,16 @@ with a timeout, and this module does not ask which one it holds.
 Bytes read past the end of a line stay in `buffer`: a client may pipeline
 several commands, and whatever is left when the relay starts is sent on to
 the backend first.
+
+While the session waits on someone else, the client's close must still end
+it at once (SECURITY.md, "Deadlines, phase by phase").  A Stream to the
+backend is given the client's raw socket to `watch` (login.py), and the
+auth transport does the same with `wait_readable()`: before each blocking
+read, one poll() waits for our peer's bytes and for the watched socket's
+close (POLLRDHUP: a FIN or a reset, not bytes the client pipelines), and
+a close raises ClientGone.  Only reads are watched: a blocking connect()
+cannot be polled without a non-blocking socket, and the writes of a login
+are a few short lines.
 """
 
 import select
@@ -31,6 +41,12 @@ class Closed(Exception):
     """The peer closed the connection (or reset it)."""
 
 
+class ClientGone(Exception):
+    """The client closed (or reset) its connection while the session was
+    waiting on the auth service or the backend.  Not a Closed: that one,
+    raised by a backend Stream, is the backend's close."""
+
+
 class TooLong(Exception):
     """No end of line within the limit.  `head` is what was read, so the
     caller can still find a tag to answer with."""
@@ -41,10 +57,14 @@ class TooLong(Exception):
 
 
 class Stream:
-    """A socket plus a read buffer, a byte limit per read, and a deadline."""
+    """A socket plus a read buffer, a byte limit per read, and a deadline.
+    Once given a raw socket to `watch` (login.py gives a Stream to the
+    backend the client's), each read first waits with wait_readable(), so
+    the watched socket's close raises ClientGone."""
 
     def __init__(self, sock):
         self.sock = sock
+        self.watch = None
         self.buffer = bytearray()
         self.deadline = None
         self.received = self.sent = 0   # bytes, for the session's summary line
@@ -64,6 +84,8 @@ class Stream:
         return left
 
     def _fill(self):
+        if self.watch is not None:
+            wait_readable(self.sock, self._left(), self.watch)
         self.sock.settimeout(self._left())
         self._receive(CHUNK)
 
@@ -166,6 +188,34 @@ class Stream:
         except ConnectionError:
             raise Closed() from None
         return True
+
+
+def wait_readable(sock, seconds, watch):
+    """Wait until `sock` is readable (bytes or its end), for at most
+    `seconds` (None: no limit, in WAIT_STEP polls), while watching the raw
+    socket `watch` for its peer's close.  Returns when `sock` is readable;
+    raises ClientGone when `watch` closes or is reset first (also when both
+    happen at once), TimeoutError when the time runs out.  Bytes arriving on
+    `watch` do not wake it (only POLLRDHUP, and POLLHUP/POLLERR, which
+    poll() always reports).  A TLS channel (`sock`) with decrypted bytes
+    is readable at once; one whose next record is still on its way may
+    then block in its read, for what is left of the caller's deadline."""
+    if getattr(sock, "pending", lambda: 0)():
+        return
+    end = None if seconds is None else time.monotonic() + seconds
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(watch, POLLRDHUP)
+    watched = watch.fileno()
+    while True:
+        step = WAIT_STEP if end is None else min(end - time.monotonic(), WAIT_STEP)
+        if step <= 0:
+            raise TimeoutError("deadline passed")
+        ready = dict(poller.poll(step * 1000))
+        if watched in ready:
+            raise ClientGone()
+        if ready:
+            return
 
 
 def readable(sock, seconds):

@@ -82,12 +82,16 @@ class TlsVerifyError(ssl.SSLCertVerificationError):
 class TlsChannel:
     """TLS over a connected socket (server or client side).
 
+    `received` is what was read from the peer before (hello.py reads a
+    client's ClientHello to pick the context): OpenSSL reads it first.
     After the handshake, `verify_error` is None or (code, text): OpenSSL's
     verify result, which a resumed session (or ticket) carries too."""
 
-    def __init__(self, sock, context, server_side, server_hostname=None):
+    def __init__(self, sock, context, server_side, server_hostname=None, received=b""):
         self.sock = sock
         self.tls = SSL.Connection(context, None)        # None: memory BIOs
+        if received:                # read from the peer already (hello.py)
+            self.tls.bio_write(received)
         if server_side:
             self.tls.set_accept_state()
         else:
@@ -98,7 +102,7 @@ class TlsChannel:
         self.send_lock = threading.Lock()   # outgoing records keep their order
         self.out = bytearray()              # records made, not yet sent
         self.timeout = sock.gettimeout()
-        self.raw_unread = False             # fed bytes OpenSSL may not have decrypted yet
+        self.raw_unread = bool(received)    # fed bytes OpenSSL may not have decrypted yet
         self.raw_eof = False                # the peer's FIN came (with or without close_notify)
         self.expected_host = None           # the backend name checked (expect_host)
         self.keep_session = True            # False: let OpenSSL forget the session

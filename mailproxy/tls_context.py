@@ -28,7 +28,8 @@ from . import tls
 VERSIONS = {"TLSv1": SSL.TLS1_VERSION, "TLSv1.1": SSL.TLS1_1_VERSION,
             "TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 ORDER = ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
-SESSION_ID_CONTEXT = b"MAIL"        # nginx's, for the mail module
+SESSION_ID_CONTEXT = b"MAIL"        # nginx's, for the mail module; each server{} adds
+                                    # its own mark (session_id_context)
 OPENSSL_CACHE_SIZE = 20480          # sessions OpenSSL's built-in cache holds (its default)
 # nginx's verify errors that optional_no_ca lets through (ngx_ssl_verify_error_optional)
 NO_CA_ERRORS = {2, 18, 19, 20, 21}
@@ -134,7 +135,7 @@ def _session_cache(context, config):
     """ssl_session_cache, ssl_session_timeout, ssl_session_tickets (with the
     SSL_CONF Options, in _options).  `none`, as in nginx: session ids are
     issued but never stored, so only a ticket can resume."""
-    context.set_session_id(SESSION_ID_CONTEXT)
+    context.set_session_id(session_id_context(config))
     context.set_timeout(max(1, int(config.ssl_session_timeout)))
     mode = cache_mode(config)
     if mode == "off":
@@ -143,6 +144,14 @@ def _session_cache(context, config):
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER | SSL.SESS_CACHE_NO_INTERNAL_STORE)
     else:
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+
+
+def session_id_context(config):
+    """nginx's "MAIL" and a mark of the server{} (where it is written), so
+    that no block resumes a session another block issued, even where they
+    share an address (names.py), and beside their separate caches and
+    ticket keys."""
+    return SESSION_ID_CONTEXT + hashlib.sha256(str(config.where).encode()).digest()[:16]
 
 
 def _check_ticket_keys(paths):

@@ -215,6 +215,25 @@ def issue_chain(certs, directory, server=False):
     return str(chain), leaf.key
 
 
+def issue_named(certs, directory, common_name, dns_names):
+    """A server certificate signed by `certs.ca` for `common_name`, whose
+    subjectAltName lists `dns_names`: the Pair (files in `directory`)."""
+    with open(certs.ca.key, "rb") as file:
+        ca_key = serialization.load_pem_private_key(file.read(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name(common_name))
+            .issuer_name(certs.ca.x509.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1)).not_valid_after(NOW + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)
+                                                        for name in dns_names]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return _write(directory, common_name.replace("*", "star"), cert, key)
+
+
 def _revocation_list(ca, ca_key, revoked):
     entry = (x509.RevokedCertificateBuilder().serial_number(revoked.serial_number)
              .revocation_date(NOW - datetime.timedelta(hours=1)).build())
