@@ -486,7 +486,8 @@ class Session(socketserver.BaseRequestHandler):
         nginx relays through its command buffer and `proxy_buffer` (4 KB);
         reading up to RELAY_READ at a time instead cuts the system calls per
         megabyte sixteenfold, and costs idle sessions nothing, since relay.py
-        keeps no buffer between reads (docs/differences.md)."""
+        keeps no buffer between reads, nor while it waits for the next
+        (docs/differences.md)."""
         return (max(self.command_limit(), RELAY_READ), max(self.config.proxy_buffer, RELAY_READ))
 
 
