@@ -3,7 +3,7 @@
 A protocol handler (`do_LOGIN`, `do_PASS`, `do_AUTH`, ...) that has taken
 the client's credentials returns them, and the session's command loop calls
 `log_in(session, credentials)`, the one login step all three protocols
-share:
+share, and then, once it has logged in, `relay(session)`:
 
     ask the auth service (again while it says WAIT)
       -> refused: the protocol's failure reply (after any Auth-Wait, and
@@ -52,9 +52,10 @@ MAX_WAIT_RETRIES = 10       # `Auth-Status: WAIT` answers in a row before we giv
 
 
 def log_in(session, credentials):
-    """Ask the auth service; on success log in to the backend and relay.
-    On a refusal the client gets the error; with Auth-Wait the session goes
-    back to the start state, as nginx does."""
+    """Ask the auth service; on success log in to the backend: True when
+    the session is logged in and relay() may start.  On a refusal the
+    client gets the error; with Auth-Wait the session goes back to the
+    start state, as nginx does."""
     session.attempt += 1
     session.set_login(credentials.login)
     if session.tracer:
@@ -72,10 +73,9 @@ def log_in(session, credentials):
             failed.append(hostport(reply.server, reply.port))
             reply = session.auth_reply = another_backend(session, request, failed, exc)
             continue
-        if stream is not None:
-            relay(session)
-        return
+        return stream is not None
     refused(session, reply, credentials)
+    return False
 
 
 def auth_request(session, credentials):

@@ -8,9 +8,12 @@ shutdown(SHUT_WR), so bytes already in flight the other way still arrive.
 That is a deliberate difference from nginx, which closes both sockets as
 soon as one side reaches EOF and drops what is in flight.
 
-Both sockets are blocking with a timeout of `proxy_timeout`, so every read
-and write waits at most that long.  Two limits keep a relay from living
-for ever:
+Both sockets are blocking with a timeout of `proxy_timeout`, so every
+write waits at most that long; a read first waits (poll()) for bytes to
+read, no longer than that, and only then asks for them, so that a copier
+blocked on a quiet peer holds no buffer (a TlsChannel's recv() waits the
+same way for its raw bytes).  Two limits keep a relay from
+living for ever:
 * `proxy_timeout`: no byte in either direction for this long ends the
   session (nginx re-arms on client traffic only; any traffic is friendlier
   to IDLE sessions fed by the backend).  A read that times out while the
@@ -31,6 +34,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+
+from .stream import readable
 
 
 @dataclass
@@ -79,8 +84,8 @@ class Relay:
 
     def copy(self, source, target, size, side):
         """One direction: `side` names who is reading from `source`.  Each
-        read takes what has arrived, up to `size`, as a new bytes object:
-        an idle session holds no buffer at all."""
+        read takes what has arrived, up to `size`, as a new bytes object
+        once it has arrived: an idle session holds no buffer at all."""
         while True:
             data = self.read(source, size)
             if data is None:
@@ -101,14 +106,21 @@ class Relay:
 
     def read(self, source, size):
         """The next bytes from `source` (b"" at its end), or None when the
-        relay has been stopped (by a time limit or a broken TLS stream)."""
+        relay has been stopped (by a time limit or a broken TLS stream).
+        It waits for bytes before it asks for them: a recv(size) that
+        blocks holds its `size`-byte buffer all the while, and an idle
+        session would hold two.  A TlsChannel's recv() waits that way
+        itself, so a channel is asked at once."""
         while True:
+            left = self.time_left()
+            if left <= 0:
+                self.stop("timeout")
+                return None
             try:
-                return source.recv(size)
+                if not isinstance(source, socket.socket) or readable(source, left):
+                    return source.recv(size)
             except TimeoutError:
-                if self.time_left() <= 0:
-                    self.stop("timeout")
-                    return None
+                pass                    # a TLS record's tail that did not come
             except (ssl.SSLError, MemoryError):
                 # a broken TLS stream is not an end of file; a buffer the
                 # machine cannot give must end the relay, not its thread

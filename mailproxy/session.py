@@ -14,8 +14,9 @@ methods (found by name once, when the class is made), the `STATES` table of
 which verbs are legal when, the `SECRETS` table of which arguments a trace
 hides (words.Secret), and the hooks at the end of the class.  A
 handler that has taken credentials returns them (sasl.Credentials); the
-command loop then hands them to login.log_in(), and the handler itself
-never talks to the auth service or the backend.
+command loop then hands them to login.log_in(), and once that has logged
+in to the backend, runs login.relay(); the handler itself never talks to
+the auth service or the backend.
 
 The shared machinery lives here: the `timeout` deadline for the pre-login
 phase (set on the client Stream, which re-arms the socket's timeout with
@@ -215,10 +216,20 @@ class Session(socketserver.BaseRequestHandler):
             self.start_tls()
         if not self.quit:
             self.greet()
+        if self.logged_in():
+            self.auth_reply = None      # the relay needs nothing of the login
+            login_step.relay(self)
+
+    def logged_in(self):
+        """Commands until a login succeeds (True) or the session ends.  A
+        method of its own, so that the credentials, and the auth service's
+        question and answer, go with its frame before the relay blocks for
+        the session's life (memory, and no password kept that long)."""
         while not self.quit:
             credentials = self.next_command()
-            if credentials is not None:
-                login_step.log_in(self, credentials)
+            if credentials is not None and login_step.log_in(self, credentials):
+                return True
+        return False
 
     def next_command(self):
         """Read and run one command; the credentials it took, if any."""
@@ -475,7 +486,8 @@ class Session(socketserver.BaseRequestHandler):
         nginx relays through its command buffer and `proxy_buffer` (4 KB);
         reading up to RELAY_READ at a time instead cuts the system calls per
         megabyte sixteenfold, and costs idle sessions nothing, since relay.py
-        keeps no buffer between reads (docs/differences.md)."""
+        keeps no buffer between reads, nor while it waits for the next
+        (docs/differences.md)."""
         return (max(self.command_limit(), RELAY_READ), max(self.config.proxy_buffer, RELAY_READ))
 
 

@@ -171,7 +171,7 @@ class Stream:
                 if _hung_up_within(self.sock, left):
                     raise Closed()
                 continue
-            if not _readable(self.sock, left):
+            if not readable(self.sock, left):
                 continue
             self.sock.settimeout(left)  # a TLS record may still be on its way
             try:
@@ -184,7 +184,7 @@ class Stream:
         greeting delay; the bytes stay unread.)  Raises Closed on EOF."""
         if self.buffer or getattr(self.sock, "pending", lambda: 0)():
             return True
-        if not _readable(self.sock, seconds):
+        if not readable(self.sock, seconds):
             return False
         raw = getattr(self.sock, "sock", self.sock)     # under a TlsChannel: any byte counts
         try:
@@ -235,16 +235,17 @@ def wait_readable(sock, seconds, watch):
             return
 
 
-def _readable(sock, seconds):
-    """Wait up to `seconds` for `sock` to become readable (or reach EOF);
-    a TLS channel that holds decrypted bytes already is.  A wait with
-    poll() on a blocking socket, not a read: poll(), not select(), as a
-    busy proxy has fds above select()'s 1023."""
+def readable(sock, seconds):
+    """Wait up to `seconds` (None: no limit) for `sock` to become readable
+    (or reach EOF); a TLS channel that holds decrypted bytes already is.
+    A wait with poll() on a blocking socket, not a read, so it holds no
+    buffer: a recv(n) that blocks holds its n bytes all the while.  poll(),
+    not select(), as a busy proxy has fds above select()'s 1023."""
     if getattr(sock, "pending", lambda: 0)():
         return True
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    return bool(poller.poll(seconds * 1000))
+    return bool(poller.poll(None if seconds is None else seconds * 1000))
 
 
 def _hung_up_within(sock, seconds):

@@ -54,6 +54,8 @@ import OpenSSL
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi, lib as _lib     # see "cryptography's bindings" below
 
+from .stream import readable
+
 CHUNK = 65536           # raw bytes per recv: up to four full TLS records
 CLOSED = SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN
 NO_ALPN = "no application protocol"     # the ALPN callback's mark (tls_context.py)
@@ -260,8 +262,11 @@ class TlsChannel:
 
     def _feed(self, deadline):
         """One raw recv into OpenSSL (within the deadline, else
-        TimeoutError); False at EOF."""
+        TimeoutError); False at EOF.  The bytes are waited for first:
+        a recv() that blocks holds its CHUNK-byte buffer all the while."""
         self._arm(deadline)
+        if not readable(self.sock, self.sock.gettimeout()):
+            raise TimeoutError("TLS deadline passed")
         data = self.sock.recv(CHUNK)
         if data:
             with self.lock:
