@@ -52,7 +52,14 @@ The connection number is the one word every worker writes, so it is the
 one word under a lock shared by processes: a POSIX record lock
 (`fcntl.lockf`) on that word of the file, held by one process for a read
 and a store, and by one thread of it (the Meter's lock).  The kernel drops
-the lock of a process that dies, even one killed holding it.
+the lock of a process that dies, even one killed holding it.  A worker
+takes CONNECTION_BLOCK numbers at a time and hands them out one by one:
+a thread that holds the file lock must then get the GIL back to store,
+and while it waits every new connection of every worker waits behind it;
+taken for each connection, that tripled the login p99 at 64 clients in
+tests/bench/bench.py (docs/benchmark.md).  So the numbers are unique
+across workers and reloads, and rise within a worker, but two workers'
+numbers interleave by blocks rather than by the time of each connection.
 
 In single-process mode (`worker_processes 1`) the one process makes a
 private table of one slot for itself (`Table.private()`), which never grows
@@ -77,6 +84,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STATES = ("free", "serving", "draining")
 FREE, SERVING, DRAINING = range(len(STATES))
 WORD = 8                    # bytes per counter: a signed 64-bit integer ("q")
+CONNECTION_BLOCK = 100      # connection numbers a worker takes from the shared word at once
 
 _PROTOCOL = {name: index for index, name in enumerate(PROTOCOLS)}
 
@@ -275,25 +283,36 @@ class Meter:
     shared table's file (None for a private table), locked around the
     connection number."""
 
-    __slots__ = ("words", "base", "fd", "lock")
+    __slots__ = ("words", "base", "fd", "lock", "numbers")
 
     def __init__(self, words, base, fd=None):
         self.words, self.base, self.fd = words, base, fd
         self.lock = threading.Lock()
+        self.numbers = iter(())     # what is left of the block of connection numbers
 
     def connection(self):
         """The next connection number (`*N` in the logs), unique among
-        every worker of this master, across reloads."""
+        every worker of this master, across reloads: from this worker's
+        block, and when that is used up, from a new one."""
         with self.lock:
-            if self.fd is not None:     # held for a read and a store: no deadline needed
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, WORD, CONNECTIONS * WORD)
-            try:
-                number = self.words[CONNECTIONS] + 1
-                self.words[CONNECTIONS] = number
-            finally:
-                if self.fd is not None:
-                    fcntl.lockf(self.fd, fcntl.LOCK_UN, WORD, CONNECTIONS * WORD)
+            number = next(self.numbers, None)
+            if number is None:
+                first = self._take_block()
+                self.numbers = iter(range(first + 1, first + CONNECTION_BLOCK))
+                number = first
         return number
+
+    def _take_block(self):
+        """The first of CONNECTION_BLOCK numbers no other worker will use."""
+        if self.fd is not None:     # held for a read and a store: no deadline needed
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, WORD, CONNECTIONS * WORD)
+        try:
+            first = self.words[CONNECTIONS] + 1
+            self.words[CONNECTIONS] = first + CONNECTION_BLOCK - 1
+        finally:
+            if self.fd is not None:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, WORD, CONNECTIONS * WORD)
+        return first
 
     def opened(self, protocol):
         """A session starts, in the greeting phase."""
