@@ -56,7 +56,7 @@ the lock of a process that dies, even one killed holding it.  A worker
 takes CONNECTION_BLOCK numbers at a time and hands them out one by one:
 a thread that holds the file lock must then get the GIL back to store,
 and while it waits every new connection of every worker waits behind it;
-taken for each connection, that tripled the login p99 at 64 clients in
+taken for each connection, that more than doubled the login p99 at 64 clients in
 tests/bench/bench.py (docs/benchmark.md).  So the numbers are unique
 across workers and reloads, and rise within a worker, but two workers'
 numbers interleave by blocks rather than by the time of each connection.
@@ -84,7 +84,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STATES = ("free", "serving", "draining")
 FREE, SERVING, DRAINING = range(len(STATES))
 WORD = 8                    # bytes per counter: a signed 64-bit integer ("q")
-CONNECTION_BLOCK = 100      # connection numbers a worker takes from the shared word at once
+CONNECTION_BLOCK = 1000     # connection numbers a worker takes from the shared word at once
 
 _PROTOCOL = {name: index for index, name in enumerate(PROTOCOLS)}
 
