@@ -7,8 +7,9 @@ an error text for the client, or `WAIT`.  As in nginx, a host name in the
 URL was resolved once, when the configuration loaded (addresses.py): the
 request goes to that address, and the Host header carries the name.
 
-The request travels through requests and urllib3, on keep-alive
-connections, with one deadline for the whole of it (auth_transport.py).
+The request goes through requests' interface to our own transport
+adapter, which speaks HTTP/1.1 with http.client on keep-alive connections,
+with one deadline for the whole of it (auth_transport.py).
 Any failure of the auth service itself (refused, timed out, not HTTP, bad
 headers, no usable backend address) raises AuthServiceError, which the
 session turns into the protocol's internal-error line.
@@ -20,14 +21,11 @@ import re
 from dataclasses import dataclass
 
 import requests
-from urllib3 import HTTPHeaderDict
-from urllib3.util import SKIP_HEADER, Timeout
 
 from .addresses import UNIX_PREFIX, AuthHttp
-from .auth_transport import TIMED_OUT, AuthAdapter, AuthPool, watching
+from .auth_transport import TIMED_OUT, AuthAdapter, watching
 
 MAX_REPLY_HEADERS = 1024    # nginx's auth_http response buffer; more is an error
-MAX_REPLY_BODY = 65536      # the body is ignored; a longer one drops the connection
 UNIX_HOST = "localhost"     # nginx's Host header for a unix: auth service
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESCAPED = frozenset(range(0x21)) | {0x25, 0x7F}     # control bytes, space, "%" and DEL
@@ -121,25 +119,22 @@ class AuthClient:
             self.host = UNIX_HOST
             self.url = f"{host}:{uri}"      # as configured, for the log
             target = f"http://{UNIX_HOST}{uri}"
-            pool = AuthPool(UNIX_HOST, path=host[len(UNIX_PREFIX):], budget=timeout)
+            service = host[len(UNIX_PREFIX):]
         else:
             self.host = _bracketed(host)        # nginx sends Host without the port
             # nginx connects to the address the name resolved to at load
             self.url = target = f"http://{_bracketed(address or host)}:{port}{uri}"
-            pool = AuthPool(address or host, port, budget=timeout)
-        # The request goes straight to requests' transport adapter: a
+            service = (address or host, port)
+        # The request goes straight to the transport adapter: a
         # requests.Session would add what nginx does not do (cookies, netrc,
         # proxies from the environment, redirects), and its per-request
         # bookkeeping was a twentieth of an auth request's Python calls.
-        self.adapter = AuthAdapter(pool)
+        self.adapter = AuthAdapter(service, timeout)
         # What is the same in every request is made once: the URL as
-        # requests prepares it, the headers after the per-login ones, and
-        # requests' timeouts.
+        # requests prepares it, and the headers after the per-login ones.
         self.target = requests.Request("GET", target).prepare().url
         self.wire_tail = tuple((name, value.encode().decode("latin-1"))
-                               for name, value in self.extra_headers) + \
-            (("Accept-Encoding", SKIP_HEADER), ("User-Agent", SKIP_HEADER))
-        self.timeouts = Timeout(connect=timeout, read=timeout)
+                               for name, value in self.extra_headers)
 
     def headers_for(self, request):
         """The request headers in nginx's order (spec 2.2); mailproxy's own
@@ -165,44 +160,33 @@ class AuthClient:
         return headers
 
     def wire_headers(self, request):
-        """headers_for() as they go out: an HTTPHeaderDict, where a name may
-        repeat (Auth-Backend-Failed), of str values that http.client sends
-        as latin-1, so each is the bytes meant (a login's one-to-one, an
-        `auth_http_header` value in UTF-8); urllib3's own Accept-Encoding
-        and User-Agent are suppressed so nothing comes before Host."""
-        headers = HTTPHeaderDict()
-        for name, value in self.headers_for(request)[:-len(self.extra_headers) or None]:
-            headers.add(name, value)
-        headers.update(self.wire_tail)
-        return headers
+        """headers_for() as they go out: (name, value) pairs, where a name
+        may repeat (Auth-Backend-Failed), of str values that http.client
+        sends as latin-1, so each is the bytes meant (a login's one-to-one,
+        an `auth_http_header` value in UTF-8)."""
+        return self.headers_for(request)[:-len(self.extra_headers) or None] + \
+            list(self.wire_tail)
 
     def ask(self, request, watch=None):
-        """One GET; the reply's headers are the answer.  With stream=True
-        the adapter returns once the headers are in, leaving the body to
-        _finish(); the status, a redirect's too, is ignored, as nginx does.
-        requests' own timeout (per socket operation) is never the one that
-        ends a request: the connection's deadline comes first.  With
-        `watch` (the client's raw socket) the wait for the headers ends
-        with stream.ClientGone, and the connection is dropped, as soon as
-        the client closes (auth_transport.py); the body that follows them
-        is read unwatched."""
+        """One GET; the reply's headers are the answer (the adapter reads
+        and drops the body); the status, a redirect's too, is ignored, as
+        nginx does.  With `watch` (the client's raw socket) the wait for
+        the headers ends with stream.ClientGone, and the connection is
+        dropped, as soon as the client closes (auth_transport.py); the body
+        that follows them is read unwatched."""
         prepared = requests.PreparedRequest()
         prepared.method, prepared.url = "GET", self.target
         headers = self.wire_headers(request)
         try:
             # requests checks each name and value; as bytes, since its check
             # of a str takes a leading \xa0 (a login's byte) for a space.
-            prepared.prepare_headers({name: value.encode("latin-1")
-                                      for name, value in headers.items()})
-            prepared.headers = headers          # and this goes out, repeated names kept
+            prepared.prepare_headers({name: value.encode("latin-1") for name, value in headers})
+            prepared.headers = headers          # and these go out, repeated names kept
             with watching(watch):
-                response = self.adapter.send(prepared, stream=True, timeout=self.timeouts)
+                response = self.adapter.send(prepared)
         except requests.RequestException as exc:
             raise AuthServiceError(self.failure(exc)) from None
-        try:
-            return parse_reply(_raw_headers(response))
-        finally:
-            _finish(response)
+        return parse_reply(_raw_headers(response))
 
     def failure(self, exc):
         """The log line for a request that failed: "timed out" whatever
@@ -218,7 +202,7 @@ class AuthClient:
 
 def _raw_headers(response):
     """The reply's headers in order, duplicates kept, checked like nginx."""
-    headers = list(response.raw.headers.items())
+    headers = response.raw.getheaders()
     size = len(response.reason or "") + 15
     for name, value in headers:
         size += len(name) + len(value) + 4
@@ -227,17 +211,6 @@ def _raw_headers(response):
     if size > MAX_REPLY_HEADERS:
         raise AuthServiceError("auth http server sent too long response")
     return headers
-
-
-def _finish(response):
-    """Read a short body so the connection can be reused; drop a long one."""
-    try:
-        body = response.raw.read(MAX_REPLY_BODY + 1, decode_content=False)
-        if len(body) > MAX_REPLY_BODY:
-            response.raw.close()
-    except Exception:               # the body does not matter; the socket does
-        response.raw.close()
-    response.close()
 
 
 def parse_reply(headers):

@@ -1,59 +1,66 @@
 """How an auth request reaches the auth service (auth_http.py asks).
 
-The transport, top down, uses requests and urllib3 only through their
-public classes and documented extension points:
+requests is the auth client's interface: auth_http.py prepares each
+request as a `requests.PreparedRequest`, hands it to a transport adapter,
+and gets a `requests.Response` back, or one of requests' exceptions.  A
+transport adapter is requests' published way to carry requests
+differently (`requests.adapters.BaseAdapter`: `send()` and `close()`).
+Ours, `AuthAdapter`, one per server, speaks HTTP/1.1 with the standard
+library's http.client on connections it keeps for the next login:
 
-* one `AuthAdapter` per server, which auth_http.py sends each prepared
-  request through (`HTTPAdapter.send()`, no requests.Session: nothing of
-  a session's is wanted).  Subclassing HTTPAdapter is requests' way to
-  change the transport, and `get_connection_with_tls_context()` is the
-  method it exposes "for use when subclassing" to choose the pool for a
-  request: ours returns one `AuthPool`, whatever host the URL names.  For
-  `auth_http unix:/path:/uri` the URL is http://localhost/uri and the
-  pool holds the path;
-* `AuthPool`: urllib3's HTTPConnectionPool making `AuthConnection`s (its
-  `ConnectionCls` class attribute), each given the socket path and the
-  time budget (the pool's `**conn_kw`, passed on to every connection);
-* `AuthConnection`: urllib3's HTTPConnection with its public `connect()`
-  replaced (a unix socket or TCP) and `request()`/`getresponse()` wrapped;
+* `AuthAdapter.send()`: one request on a kept connection (the newest
+  idle one) or a new one; the reply's headers; then its body, which is
+  ignored but read (up to MAX_BODY bytes, else the connection is dropped)
+  so that the connection can be kept.  Up to POOL_SIZE idle connections
+  are kept; a login that finds none idle opens one more rather than wait;
+* `AuthConnection`: http.client's HTTPConnection, its `connect()` made
+  to open a DeadlineSocket, over TCP or to a unix socket;
 * `DeadlineSocket`: a socket.socket whose waits all end at one deadline.
 
-Not taken: an `init_poolmanager()` that changes the PoolManager's
-`pool_classes_by_scheme` (an attribute urllib3 does not document), and a
-watchdog thread that shuts the socket at the deadline (it would need the
-socket from inside the response: private attributes).
+Why not requests' own HTTPAdapter over urllib3 (what carried the requests
+until issue 19): urllib3's pool, retry logic, header dicts and response
+wrapper are for a general client (TLS, proxies, many hosts, retries), and
+none of it is wanted here.  Measured with `python tests/bench/auth_cpu.py
+3000` (and `500 calls`), an auth request took 0.31 ms of CPU and 1,430
+Python calls through it, and 0.17-0.18 ms and 748 calls through this
+adapter, on a login that takes about 1.4 ms in all (docs/benchmark.md).
+
+No request is ever sent twice.  A request that failed may have reached
+the auth service, which may have counted the attempt, so the login fails,
+as with nginx, which makes one attempt per login.  A kept connection is
+looked at before it is used (`AuthConnection.dropped()`): one that the
+service has closed meanwhile is thrown away and the next one taken, as no
+byte of the request has gone out yet.  Only a close that crosses a request
+on the wire fails that login (internal error).
 
 The deadline: `auth_http_timeout` bounds connecting, sending the request
 and receiving the reply's headers together, as nginx's one timer that is
-never re-armed (spec 1.3, 2.1).  requests' timeouts apply to each socket
-operation, which a service trickling its headers a byte at a time never
-hits.  So `AuthConnection.request()` arms its socket with the deadline
-(now + auth_http_timeout) when each request starts, and before each
-blocking call (connect, sendall, recv_into) `DeadlineSocket` sets the
-socket timeout to what is left (lazily, as stream.py does), or raises
-TimeoutError when nothing is.
-recv_into is what `socket.makefile()`'s reader calls, and http.client
-reads the reply through it (ssl.SSLSocket, the standard library's own
-socket.socket subclass, overrides the same methods and is read through
-makefile() just so).  The body, read only to reuse the connection, is under the
-same deadline.  One wait is outside it: a host name in `auth_http` is
+never re-armed (spec 1.3, 2.1), and the body is read under the same
+deadline.  A per-operation socket timeout would never end a request whose
+service trickles its headers a byte at a time.  So `send()` arms the
+connection's socket with the deadline (now + auth_http_timeout), and
+before each blocking call (connect, sendall, recv_into) `DeadlineSocket`
+sets the socket timeout to what is left (lazily, as stream.py does), or
+raises TimeoutError when nothing is.  recv_into is what
+`socket.makefile()`'s reader calls, and http.client reads the reply
+through it (ssl.SSLSocket, the standard library's own socket.socket
+subclass, overrides the same methods and is read through makefile() just
+so).  One wait is outside the deadline: a host name in `auth_http` is
 looked up (getaddrinfo, which takes no timeout) as a connection opens; an
 IP literal needs no lookup.
 
 The client's close: a login whose client has gone need not wait for its
 answer.  `AuthClient.ask()` sends the request inside `watching(sock)`,
-which names the client's raw socket for the thread (a threading.local:
-the request passes through requests and urllib3, which carry no such
-value); `AuthConnection.request()` reads it as it arms the socket, and
-before each recv_into up to the end of the reply's headers DeadlineSocket
-waits with stream.wait_readable(), which raises stream.ClientGone when the
-client closes or resets (the body, sent with the headers, is read
-unwatched).  ClientGone is none of the errors urllib3 handles, so it
-leaves through requests as it came, and urllib3's `urlopen()` closes the
-connection on its way out (a request that ended by any exception does not
-give its connection back to the pool), so a half-read reply is never read
-as the next login's.  The connect and the send are not watched (a
-blocking connect() cannot be polled; the request is one short write).
+which names the client's raw socket for the thread (a threading.local: the
+request passes through requests' adapter interface, which carries no such
+value); `send()` arms the socket with it, and before each recv_into up to
+the end of the reply's headers DeadlineSocket waits with
+stream.wait_readable(), which raises stream.ClientGone when the client
+closes or resets (the body, sent with the headers, is read unwatched).
+ClientGone leaves `send()` as it came, and the connection, with a reply
+half read, is closed, never kept.  The connect and the send are not
+watched (a blocking connect() cannot be polled; the request is one short
+write).
 
 The end of the headers: http.client takes the service's close as the end
 of the headers, while nginx counts a reply cut before its blank line as a
@@ -61,40 +68,27 @@ failure (spec 2.1).  DeadlineSocket notes a read that met the close, and
 `AuthConnection.getresponse()` turns headers that ended so into
 `IncompleteHeaders`.
 
-Unlike nginx, which opens a new connection per attempt, the pool keeps
-connections alive.  What the session threads share is the pool, which is
-safe to share.  It keeps up to POOL_SIZE idle connections; a login that
-finds none idle opens one more rather than wait (block off).  No request is ever sent twice (NO_RETRY says
-why).
+Unlike nginx, which opens a new connection per attempt, the adapter keeps
+connections alive; what the session threads share is the adapter, whose
+idle list is taken from and given back to under a lock.
 """
 
 import contextlib
 import http.client
+import select
 import socket
 import threading
 import time
 
+import requests
 import requests.adapters
-from urllib3 import HTTPConnectionPool
-from urllib3.connection import HTTPConnection
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util import Retry
+from requests.structures import CaseInsensitiveDict
 
 from .stream import lazy_settimeout, wait_readable
 
 POOL_SIZE = 64              # idle keep-alive connections kept per server
+MAX_BODY = 65536            # a reply's body is ignored; a longer one drops the connection
 TIMED_OUT = "timed out"
-# urllib3's retries, all off.  A request that failed may have reached the
-# auth service, which may have counted the attempt, so it is never sent
-# again: the login fails, as with nginx, which makes one attempt per login.
-# total=0 ends at the first error of any kind, a refused connect included;
-# read=False raises a read error as it came, so a timeout stays a timeout;
-# redirect=False returns a 3xx as the reply (spec 2.3: the status is
-# ignored); status=0, other=0: no retry on a status or anything else.
-# A kept connection the service has closed needs no retry: the pool checks
-# for the close before it reuses one, and connects anew.  Only a close that
-# crosses a request on the wire fails that login (internal error).
-NO_RETRY = Retry(total=0, connect=0, read=False, redirect=False, status=0, other=0)
 _watched = threading.local()    # .sock: the client socket of this thread's request
 
 
@@ -109,20 +103,86 @@ def watching(sock):
         _watched.sock = None
 
 
-class AuthAdapter(requests.adapters.HTTPAdapter):
-    """requests' transport for one auth service: every request goes to the
-    one AuthPool, whatever host its URL names."""
+class AuthAdapter(requests.adapters.BaseAdapter):
+    """requests' transport for one auth service, at `address` (a unix
+    path or (host, port)); each request's deadline is now + `budget`
+    seconds.  A request's `headers` are (name, value) pairs, sent as they
+    are in that order (a name may repeat), after the request line."""
 
-    def __init__(self, pool):
-        super().__init__(max_retries=NO_RETRY)
-        self.pool = pool
+    def __init__(self, address, budget):
+        super().__init__()
+        self.address, self.budget = address, budget
+        self.idle = []                  # kept connections, the newest last
+        self.lock = threading.Lock()    # guards `idle`
 
-    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
-        return self.pool
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        """One request, and the whole reply; the arguments after the
+        request are requests' and mean nothing here (the deadline is the
+        adapter's own).  Raises requests.Timeout when the deadline cut it,
+        requests.ConnectionError for any other failure of the service, and
+        stream.ClientGone as it came."""
+        connection = self._take()
+        connection.arm(time.monotonic() + self.budget, getattr(_watched, "sock", None))
+        try:
+            connection.putrequest(request.method, request.path_url,
+                                  skip_host=True, skip_accept_encoding=True)
+            for name, value in request.headers:
+                connection.putheader(name, value)
+            connection.endheaders()
+            reply = connection.getresponse()
+        except TimeoutError as exc:
+            connection.close()
+            raise requests.Timeout(exc, request=request) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise requests.ConnectionError(exc, request=request) from exc
+        except BaseException:
+            connection.close()
+            raise
+        self._finish(connection, reply)
+        return self._response(request, reply)
 
     def close(self):
-        super().close()
-        self.pool.close()
+        """Close the idle connections (at a reload or stop)."""
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for connection in idle:
+            connection.close()
+
+    def _take(self):
+        """The newest kept connection the service has not closed, else a
+        new one (which connects on its first request)."""
+        while True:
+            with self.lock:
+                connection = self.idle.pop() if self.idle else None
+            if connection is None:
+                return AuthConnection(self.address)
+            if not connection.dropped():
+                return connection
+            connection.close()
+
+    def _finish(self, connection, reply):
+        """Read the body (ignored) so the connection can be kept, and keep
+        it unless the reply or its size says otherwise."""
+        try:
+            body = reply.read(MAX_BODY + 1)
+        except (OSError, http.client.HTTPException):
+            body = None                 # the body does not matter; the connection does
+        keep = body is not None and len(body) <= MAX_BODY and reply.isclosed() \
+            and not reply.will_close
+        with self.lock:
+            if keep and len(self.idle) < POOL_SIZE:
+                self.idle.append(connection)
+                return
+        connection.close()
+
+    def _response(self, request, reply):
+        response = requests.Response()
+        response.status_code, response.reason = reply.status, reply.reason
+        response.headers = CaseInsensitiveDict(reply.getheaders())
+        response.raw = reply            # read to its end: its getheaders() keeps order and repeats
+        response.url, response.request, response.connection = request.url, request, self
+        return response
 
 
 class IncompleteHeaders(http.client.HTTPException):
@@ -157,7 +217,7 @@ class DeadlineSocket(socket.socket):
                 sock.close()
                 error = exc
                 continue
-            if family != socket.AF_UNIX:    # no Nagle delay, as urllib3 sets it
+            if family != socket.AF_UNIX:    # no Nagle delay: the request is one write
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         raise error
@@ -194,54 +254,42 @@ class DeadlineSocket(socket.socket):
         return count
 
 
-class AuthConnection(HTTPConnection):
-    """One connection to the auth service, over TCP or, with `path`, a
-    unix socket.  For each request urllib3 calls request(), which arms the
-    socket with the request's deadline (now + `budget`, auth_http_timeout)
-    and the client socket `watching()` names, then getresponse(); the
-    socket is opened (connect()) on the first request and again after a
-    close."""
+class AuthConnection(http.client.HTTPConnection):
+    """One connection to the auth service at `address` (a unix path or
+    (host, port)).  The socket is opened (connect()) on the first request
+    and again after a close, under the deadline `arm()` set for the
+    request; the request's own Host header names the service."""
 
-    def __init__(self, host, port=None, *, path=None, budget, **kwargs):
-        super().__init__(host, port, **kwargs)
-        self.path = path
-        self.budget = budget
+    def __init__(self, address):
+        super().__init__("localhost")   # http.client's host: unused, Host is sent as given
+        self.address = address
         self.deadline = None
         self.watch = None
 
-    def request(self, *args, **kwargs):
-        self.deadline = time.monotonic() + self.budget
-        self.watch = getattr(_watched, "sock", None)
+    def arm(self, deadline, watch):
+        """Give this request's deadline, and the client socket to watch
+        (None: none), to the socket, or to the one connect() will open."""
+        self.deadline, self.watch = deadline, watch
         if self.sock is not None:
-            self.sock.arm(self.deadline, self.watch)
-        super().request(*args, **kwargs)
+            self.sock.arm(deadline, watch)
 
     def connect(self):
-        """Open the socket under the request's deadline; failures are
-        raised as urllib3's own connect errors, as its connect() does."""
-        address = self.path or (self.host, self.port)
-        try:
-            self.sock = DeadlineSocket.connected(address, self.deadline, self.watch)
-        except TimeoutError as exc:
-            raise ConnectTimeoutError(self, f"connecting to {address} timed out") from exc
-        except OSError as exc:
-            raise NewConnectionError(self, f"cannot connect to {address}: {exc}") from exc
+        self.sock = DeadlineSocket.connected(self.address, self.deadline, self.watch)
+
+    def dropped(self):
+        """Has the service closed this idle connection (or sent bytes no
+        request asked for)?  Either way it cannot carry a request."""
+        if self.sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def getresponse(self):
         sock = self.sock                # http.client lets it go when the reply says close
         response = super().getresponse()
-        sock.watch = None               # the body is read unwatched (AuthClient.ask)
+        sock.watch = None               # the body is read unwatched
         if sock.ended:                  # the headers stopped at the close, not a blank line
             response.close()
             raise IncompleteHeaders("connection closed before the end of the headers")
         return response
-
-
-class AuthPool(HTTPConnectionPool):
-    """urllib3's connection pool, of AuthConnections; `path` and `budget`
-    are passed on to each (urllib3's conn_kw)."""
-
-    ConnectionCls = AuthConnection
-
-    def __init__(self, host, port=None, *, path=None, budget):
-        super().__init__(host, port, maxsize=POOL_SIZE, block=False, path=path, budget=budget)

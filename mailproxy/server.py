@@ -22,7 +22,6 @@ import errno
 import functools
 import grp
 import ipaddress
-import logging
 import os
 import pwd
 import resource
@@ -218,7 +217,6 @@ class Worker:
         self.stopping = threading.Event()
         self.how = "quit"
         self.destinations, self.log, loggers = logmod.setup(config)
-        logging.getLogger("urllib3").setLevel(logging.ERROR)   # pool chatter is not ours
         self.services = [Service(server, logger)
                          for server, logger in zip(config.servers, loggers)]
         self.table = self.status = None

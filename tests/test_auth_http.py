@@ -893,7 +893,7 @@ def test_a_stray_response_is_never_the_next_logins_answer(auth_server, client_fo
     answer: in the same write, or a moment later.  Each login still gets
     the answer to its own request: stray bytes read with the answer are
     dropped with it, and a kept connection holding unread bytes is not used
-    again (urllib3 checks it before each request).  The window that stays
+    again (the adapter checks it before each request).  The window that stays
     open: a stray written so late that it arrives between that check and
     the next answer (docs/differences.md)."""
     server = auth_server(reply, keep_alive=True, gap=gap)
