@@ -4,6 +4,7 @@
     python tests/bench/probe.py smtp 1 --look strace    # system calls per login
     python tests/bench/probe.py imap 64 --look stat     # context switches
     python tests/bench/probe.py imap 64 --look pyspy    # where the GIL time goes
+    python tests/bench/probe.py imap 1 --look perf      # where the CPU goes, kernel included
 
 It starts what bench.py starts for the login scenario (Dovecot, smtp-sink,
 nginx's http{} as the auth service, mailproxy with `--workers`), runs one
@@ -36,8 +37,10 @@ def tool(look, root, output):
         args = ["strace", "-c", "-f", "-o", str(output)]
         for pid in pids:
             args += ["-p", str(pid)]
+    elif look == "perf":
+        args = ["perf", "record", "-F", "2000", "-o", str(output), "-p", ",".join(map(str, pids))]
     elif look == "stat":
-        args = ["perf", "stat", "-e", "context-switches,cpu-migrations,task-clock",
+        args = ["perf", "stat", "-e", "context-switches,cpu-migrations,task-clock,page-faults",
                 "-o", str(output), "-p", ",".join(map(str, pids))]
     else:
         return pyspy.start(root, 4, output, rate=500)
@@ -57,6 +60,12 @@ def report(look, output, sessions):
         print(f"py-spy: {total} GIL samples at 500 Hz; inclusive, then self:")
         for frame, count in summary["inclusive"] + [("--", 0)] + summary["self"]:
             print(f"  {100 * count / total:5.1f}%  {frame}")
+        return
+    if look == "perf":
+        for sort in ("dso", "sym"):         # the kernel's share, then the hottest functions
+            text = subprocess.run(["perf", "report", "-i", str(output), "--stdio", "--sort", sort,
+                                   "--percent-limit", "0.7"], capture_output=True, text=True).stdout
+            print("\n".join(line for line in text.splitlines() if line and line[0] != "#"))
         return
     text = output.read_text()
     if look == "stat":
@@ -78,7 +87,7 @@ def main():
     parser.add_argument("clients", type=int)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--look", choices=("strace", "stat", "pyspy"))
+    parser.add_argument("--look", choices=("strace", "stat", "pyspy", "perf"))
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: it starts Dovecot, smtp-sink and nginx privately")
