@@ -113,7 +113,8 @@ class AuthAdapter(requests.adapters.BaseAdapter):
         super().__init__()
         self.address, self.budget = address, budget
         self.idle = []                  # kept connections, the newest last
-        self.lock = threading.Lock()    # guards `idle`
+        self.closed = False             # close(): keep no connection from now on
+        self.lock = threading.Lock()    # guards `idle` and `closed`
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
         """One request, and the whole reply; the arguments after the
@@ -143,8 +144,10 @@ class AuthAdapter(requests.adapters.BaseAdapter):
         return self._response(request, reply)
 
     def close(self):
-        """Close the idle connections (at a reload or stop)."""
+        """Close the idle connections, and each one still carrying a
+        request once its reply is read (the server is stopping)."""
         with self.lock:
+            self.closed = True
             idle, self.idle = self.idle, []
         for connection in idle:
             connection.close()
@@ -171,7 +174,7 @@ class AuthAdapter(requests.adapters.BaseAdapter):
         keep = body is not None and len(body) <= MAX_BODY and reply.isclosed() \
             and not reply.will_close
         with self.lock:
-            if keep and len(self.idle) < POOL_SIZE:
+            if keep and not self.closed and len(self.idle) < POOL_SIZE:
                 self.idle.append(connection)
                 return
         connection.close()

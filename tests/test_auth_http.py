@@ -548,6 +548,23 @@ def test_a_kept_connection_the_service_closed_is_replaced_not_resent(auth_server
     assert b"\r\nAuth-User: ann\r\n" in server.requests[1]
 
 
+def test_a_connection_in_use_when_the_auth_client_closes_is_not_kept(auth_server, client_for):
+    """The server stops while a login waits for its answer: the answer
+    still comes, and its connection is closed after it rather than kept
+    open for a login that will never come."""
+    reply = http(b"HTTP/1.1 200 OK", OK_HEADERS + b"Content-Length: 0\r\n")
+    server = auth_server([reply[:20], reply[20:]], keep_alive=True, gap=0.3)
+    client = client_for(server)
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(client.ask(plain_request())))
+    asking.start()
+    assert wait_until(lambda: server.requests)
+    client.close()
+    asking.join(timeout=5)
+    assert answers and answers[0].ok
+    assert wait_until(lambda: not server.threads[0].is_alive())     # it saw our close
+
+
 def test_a_request_the_service_may_have_seen_is_never_sent_again(auth_server, client_for):
     """The service takes the second request on a kept connection and closes
     without answering, as one that drops idle connections may just as a
