@@ -169,8 +169,8 @@ class AuthAdapter(requests.adapters.BaseAdapter):
         it unless the reply or its size says otherwise."""
         try:
             body = reply.read(MAX_BODY + 1)
-        except (OSError, http.client.HTTPException):
-            body = None                 # the body does not matter; the connection does
+        except Exception:               # http.client's errors, and its ValueError for a
+            body = None                 # negative chunk size: the body does not matter
         keep = body is not None and len(body) <= MAX_BODY and reply.isclosed() \
             and not reply.will_close
         with self.lock:

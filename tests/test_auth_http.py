@@ -525,6 +525,33 @@ def test_keep_alive_reuses_one_connection(auth_server, client_for):
     assert b"\r\nAuth-User: ann\r\n" in server.requests[1]
 
 
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+@pytest.mark.parametrize("headers, body, kept", [
+    (b"Content-Length: 11\r\n", b"hello world", True),
+    (CHUNKED, b"5\r\nhello\r\n0\r\n\r\n", True),
+    (b"Content-Length: 70000\r\n", b"x" * 70000, False),
+    (CHUNKED, b"11170\r\n" + b"x" * 70000 + b"\r\n0\r\n\r\n", False),
+    (CHUNKED, b"zz\r\nhello\r\n0\r\n\r\n", False),
+    (CHUNKED, b"-5\r\nhello\r\n0\r\n\r\n", False),
+    (CHUNKED, b"5\r\nhello", False),
+    (b"Content-Length: 5\r\n", b"hi", False),
+], ids=["length", "chunked", "long", "long-chunk", "bad-size", "negative-size",
+        "no-last-chunk", "short"])
+def test_the_body_is_ignored_and_decides_only_the_connection(auth_server, client_for,
+                                                              headers, body, kept):
+    """Whatever the body, well formed or not, the answer is the headers';
+    the connection is kept for the next login only after a body read
+    whole and within MAX_BODY (a body cut short ends at the deadline)."""
+    reply = http(b"HTTP/1.1 200 OK", OK_HEADERS + headers, body)
+    server = auth_server(reply, keep_alive=True)
+    client = client_for(server, timeout=0.5)
+    assert client.ask(plain_request()).ok
+    assert client.ask(plain_request(login=b"ann")).ok
+    assert server.connections == (1 if kept else 2)
+
+
 def test_no_reuse_when_the_service_closes(auth_server, client_for):
     server = auth_server(http(b"HTTP/1.0 200 OK", OK_HEADERS))
     client = client_for(server)
