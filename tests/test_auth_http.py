@@ -18,6 +18,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fakes import IMAP_LOGIN_THEN_ECHO, ScriptedBackend
 from harness import Client, RunningProxy, wait_until
@@ -963,3 +965,99 @@ def test_a_reply_framed_loosely_is_refused_on_the_wire(auth_server, client_for, 
     with pytest.raises(AuthServiceError) as info:
         client_for(server).ask(plain_request())
     assert str(info.value) == f"auth http server sent {message}"
+
+
+# ------------------------------------------------ the transport, fuzzed
+
+_STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content",
+                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK", b"HTTP/1.1 302 Found",
+                 b"HTTP/2 200", b"HTTP/1.1 2000 OK", b"ICY 200 OK", b""]
+_HEADER_LINES = [b"Auth-Status: Invalid login", b"Auth-Wait: 2", b"Auth-Port: 25",
+                 b"Connection: close", b"Connection: keep-alive", b" folded", b"\tfolded",
+                 b"No-Colon", b": empty name", b"Auth-Port: 1143\rAuth-Port: 25"]
+_FRAMINGS = [None, b"Content-Length: 0", b"Content-Length: 5", b"Content-Length: -1",
+             b"Content-Length: x", b"Content-Length: 99999", b"Transfer-Encoding: chunked",
+             b"Transfer-Encoding: gzip"]
+_BODIES = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"-5\r\nhello\r\n", b"zz\r\n",
+           b"0\r\n\r\n", b"5\r\nhello", b"ffffffffffffffffffff\r\n",
+           b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\n\r\n"]
+
+
+@st.composite
+def wire_replies(draw):
+    """Reply bytes near what a service might send: a status line, often
+    a good answer's headers, other header lines (odd ones, arbitrary
+    bytes), a framing header, a line end, the blank line, a body, and
+    now and then all of it cut anywhere."""
+    eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r"]))
+    lines = [draw(st.one_of(st.sampled_from(_STATUS_LINES), st.binary(max_size=20)))]
+    if draw(st.booleans()):
+        lines += OK_HEADERS.split(b"\r\n")[:3]
+    lines += draw(st.lists(st.one_of(st.sampled_from(_HEADER_LINES),
+                                     st.binary(max_size=40).filter(lambda b: b"\n" not in b)),
+                           max_size=4))
+    framing = draw(st.sampled_from(_FRAMINGS))
+    if framing:
+        lines.append(framing)
+    reply = eol.join(lines) + eol + eol
+    reply += draw(st.one_of(st.sampled_from(_BODIES), st.binary(max_size=60)))
+    if draw(st.integers(0, 2)) == 0:
+        reply = reply[:draw(st.integers(0, len(reply)))]
+    return reply
+
+
+@st.composite
+def bodies(draw):
+    """A good answer's headers with a framing header and a body near
+    what that framing expects: chunks whose sizes may be negative, huge,
+    not hex or wrong, lengths that lie."""
+    chunked = b"Transfer-Encoding: chunked"
+    framing = draw(st.one_of(st.just(chunked), st.sampled_from(_FRAMINGS)))
+    size = st.one_of(st.sampled_from([b"-5", b"-1", b"0", b"", b"zz", b"5;ext=1", b" 5",
+                                      b"ffffffffffffffffffff"]),
+                     st.integers(0, 300).map(lambda n: b"%x" % n))
+    chunk = st.tuples(size, st.binary(max_size=40)).map(lambda c: c[0] + b"\r\n" + c[1] + b"\r\n")
+    body = b"".join(draw(st.lists(chunk, max_size=4)))
+    if draw(st.booleans()):
+        body += b"0\r\n\r\n"
+    if draw(st.booleans()):
+        body = draw(st.binary(max_size=60))
+    headers = OK_HEADERS + (framing + b"\r\n" if framing else b"")
+    return http(b"HTTP/1.1 200 OK", headers, body)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_service():
+    server = RawHTTPServer(b"", keep_alive=True)
+    client = AuthClient(("127.0.0.1", server.port, "/auth"), 0.25)
+    yield server, client
+    client.close()
+    server.close()
+
+
+GOOD = http(b"HTTP/1.1 200 OK", b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n"
+            b"Auth-Port: 2525\r\nContent-Length: 0\r\n")
+
+
+FUZZ = settings(max_examples=60, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+@FUZZ
+@given(reply=st.one_of(wire_replies(), bodies()))
+def test_any_reply_on_the_wire_is_an_answer_or_an_error_and_the_next_login_gets_its_own(
+        fuzzed_service, reply):
+    """Whatever bytes come back (within the deadline or cut by it), ask()
+    returns an AuthReply or raises AuthServiceError, never anything else;
+    and whatever they left on a kept connection, the next login's request
+    gets the answer the service gave it.  Half the examples are whole
+    replies with odd bodies: the answer stands whatever the body."""
+    server, client = fuzzed_service
+    server.reply = reply
+    try:
+        assert isinstance(client.ask(plain_request()), AuthReply)
+    except AuthServiceError:
+        pass
+    server.reply = GOOD
+    assert client.ask(plain_request(login=b"ann")).port == 2525
