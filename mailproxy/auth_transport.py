@@ -11,7 +11,8 @@ library's http.client on connections it keeps for the next login:
 * `AuthAdapter.send()`: one request on a kept connection (the newest
   idle one) or a new one; the reply's headers; then its body, which is
   ignored but read (up to MAX_BODY bytes, else the connection is dropped)
-  so that the connection can be kept.  Up to POOL_SIZE idle connections
+  so that the connection can be kept, unless the reply says the
+  connection ends with it.  Up to POOL_SIZE idle connections
   are kept; a login that finds none idle opens one more rather than wait;
 * `AuthConnection`: http.client's HTTPConnection, its `connect()` made
   to open a DeadlineSocket, over TCP or to a unix socket;
@@ -23,7 +24,7 @@ wrapper are for a general client (TLS, proxies, many hosts, retries), and
 none of it is wanted here.  Measured with `python tests/bench/auth_cpu.py
 3000` (and `500 calls`), an auth request took 0.31 ms of CPU and 1,430
 Python calls through it, and 0.17-0.18 ms and 748 calls through this
-adapter, on a login that takes about 1.4 ms in all (docs/benchmark.md).
+adapter, on a login that took about 1.4 ms of CPU in all (docs/benchmark.md).
 
 No request is ever sent twice.  A request that failed may have reached
 the auth service, which may have counted the attempt, so the login fails,
@@ -166,13 +167,19 @@ class AuthAdapter(requests.adapters.BaseAdapter):
 
     def _finish(self, connection, reply):
         """Read the body (ignored) so the connection can be kept, and keep
-        it unless the reply or its size says otherwise."""
+        it unless the reply or its size says otherwise.  A reply that says
+        the connection ends with it (HTTP/1.0, `Connection: close`, no
+        length) is not read on: nothing would be kept, and a service that
+        then did not close would hold the login to its deadline."""
+        if reply.will_close:
+            reply.close()
+            connection.close()
+            return
         try:
             body = reply.read(MAX_BODY + 1)
         except Exception:               # http.client's errors, and its ValueError for a
             body = None                 # negative chunk size: the body does not matter
-        keep = body is not None and len(body) <= MAX_BODY and reply.isclosed() \
-            and not reply.will_close
+        keep = body is not None and len(body) <= MAX_BODY and reply.isclosed()
         with self.lock:
             if keep and not self.closed and len(self.idle) < POOL_SIZE:
                 self.idle.append(connection)

@@ -554,6 +554,38 @@ def test_the_body_is_ignored_and_decides_only_the_connection(auth_server, client
     assert server.connections == (1 if kept else 2)
 
 
+def test_a_reply_that_ends_the_connection_is_not_read_past_its_headers():
+    """HTTP/1.0 without a length: the connection ends with the reply, so
+    the client closes it after the headers rather than wait for a body,
+    even from a service that neither sends one nor closes (the login would
+    otherwise wait for auth_http_timeout, here an hour)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = []
+
+    def service():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(LIFETIME)
+            while b"\r\n\r\n" not in b"".join(seen):
+                seen.append(conn.recv(4096))
+            conn.sendall(http(b"HTTP/1.0 200 OK", OK_HEADERS))
+            try:
+                seen.append(conn.recv(4096))       # b"": the client closed
+            except socket.timeout:
+                seen.append(None)
+
+    thread = threading.Thread(target=service)
+    thread.start()
+    client = AuthClient(("127.0.0.1", listener.getsockname()[1], "/auth"), 3600.0)
+    try:
+        assert client.ask(plain_request()).ok
+        thread.join(LIFETIME + 5)
+        assert seen[-1] == b""
+    finally:
+        client.close()
+        listener.close()
+
+
 def test_no_reuse_when_the_service_closes(auth_server, client_for):
     server = auth_server(http(b"HTTP/1.0 200 OK", OK_HEADERS))
     client = client_for(server)
