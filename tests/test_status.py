@@ -420,12 +420,17 @@ def nofile_allowed():
     return hard == resource.RLIM_INFINITY or hard >= NOFILE
 
 
-def spread_over_both(cli, workers, limit=40):
-    """Idle connections until each worker holds at least one (bounded)."""
+def spread_over_both(cli, workers, limit=40, burst=8):
+    """Idle connections until each worker holds at least one (bounded).
+    They connect `burst` at a time before any greeting is read: both
+    workers wake for a backlog of several, whereas one connection at a
+    time may go to the same quick worker forty times in a row."""
     clients = []
-    for _ in range(limit):
-        clients.append(Client(cli.port))
-        assert clients[-1].line() == imap.GREETING
+    while len(clients) < limit:
+        batch = [Client(cli.port) for _ in range(burst)]
+        clients += batch
+        for client in batch:
+            assert client.line() == imap.GREETING
         page = scrape(cli.status_port)
         if all(page.value("mailproxy_worker_sessions", pid=str(pid)) for pid in workers):
             return clients, page
