@@ -159,18 +159,13 @@ def serve(port, protocol, auth_port, workers=2):
 def main():
     protocol = sys.argv[1] if len(sys.argv) > 1 else "imap"
     counts = [int(arg) for arg in sys.argv[2:]] or [8, 64]
+    if os.geteuid() != 0:
+        sys.exit("run as root: it starts Dovecot, smtp-sink and nginx privately")
     bench.raise_nofile()
     workdir = stack.make_workdir()
     started, floor_pid = [], None
     try:
-        cert, key = stack.make_certificate(workdir)
-        backends = stack.Backends(workdir, cert, key, (1000,), 1000)
-        started.append(backends)
-        backends.start()
-        ports, _ = backends.ports()
-        auth = stack.NginxAuth(workdir, ports)
-        started.append(auth)
-        auth.start()
+        _, _, _, auth = stack.login_peers(workdir, started)
         port, = stack.free_ports(1)
         floor_pid = serve(port, protocol, auth.port)
         time.sleep(0.5)

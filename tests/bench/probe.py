@@ -95,14 +95,7 @@ def main():
     workdir = stack.make_workdir()
     started = []
     try:
-        cert, key = stack.make_certificate(workdir)
-        backends = stack.Backends(workdir, cert, key, (1000,), 1000)
-        started.append(backends)
-        backends.start()
-        ports, _ = backends.ports()
-        auth = (stack.NginxAuth if stack.nginx_available() else stack.StaticAuth)(workdir, ports)
-        started.append(auth)
-        auth.start()
+        cert, key, _, auth = stack.login_peers(workdir, started)
         free = stack.free_ports(6)
         proxy_ports = dict(zip(stack.PROTOCOLS, free[:3]))
         tls_ports = dict(zip(stack.PROTOCOLS, free[3:]))

@@ -425,6 +425,22 @@ events {{
 {mail}"""
 
 
+def login_peers(workdir, started):
+    """What a login round needs besides a proxy, started: Dovecot and
+    smtp-sink, and the auth service (nginx's http{}, else the static
+    one).  Each is appended to `started`, for the caller to stop in
+    reverse order.  Returns (cert, key, backend ports, auth)."""
+    cert, key = make_certificate(workdir)
+    backends = Backends(workdir, cert, key, (1000,), 1000)
+    started.append(backends)
+    backends.start()
+    ports, _ = backends.ports()
+    auth = (NginxAuth if nginx_available() else StaticAuth)(workdir, ports)
+    started.append(auth)
+    auth.start()
+    return cert, key, ports, auth
+
+
 def mail_block(cert, key, auth_port, ports, tls_ports, directives=()):
     """The `mail {}` both proxies run; `directives` ("proxy_buffer 64k", ...)
     are added at the mail level, for trying a setting on both."""
