@@ -168,9 +168,9 @@ class AuthClient:
             list(self.wire_tail)
 
     def ask(self, request, watch=None):
-        """One GET; the reply's headers are the answer (the adapter reads
-        and drops the body); the status, a redirect's too, is ignored, as
-        nginx does.  With `watch` (the client's raw socket) the wait for
+        """One GET; the reply's headers are the answer (the body is
+        ignored: auth_transport.py); the status, a redirect's too, is
+        ignored, as nginx does.  With `watch` (the client's raw socket) the wait for
         the headers ends with stream.ClientGone, and the connection is
         dropped, as soon as the client closes (auth_transport.py); the body
         that follows them is read unwatched."""
