@@ -1071,7 +1071,12 @@ GOOD = http(b"HTTP/1.1 200 OK", b"Auth-Status: OK\r\nAuth-Server: 127.0.0.1\r\n"
             b"Auth-Port: 2525\r\nContent-Length: 0\r\n")
 
 
-FUZZ = settings(max_examples=60, deadline=None, database=None,
+# The header-content fuzzer (one reply per connection) is test_fuzz.py's
+# test_an_auth_reply_on_the_wire_is_an_answer_or_an_auth_service_error; this
+# one is about framing and bodies on a kept connection, with this module's
+# keep-alive server.  MAILPROXY_FUZZ_SCALE multiplies it as it does those.
+FUZZ = settings(max_examples=60 * int(os.environ.get("MAILPROXY_FUZZ_SCALE", "1")),
+                deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 

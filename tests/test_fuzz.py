@@ -12,7 +12,9 @@ The targets and their properties:
   exactly (escaped);
 * sasl.decode and the SASL mechanisms: Credentials or SaslError;
 * auth_http.parse_reply on random header lists: an AuthReply that makes
-  sense, or AuthServiceError;
+  sense, or AuthServiceError; and the same headers sent on the wire
+  (test_auth_http.py fuzzes the framing and bodies of replies on a kept
+  connection);
 * backend.read_smtp_reply on random byte streams: one whole, bounded reply
   or BackendError;
 * the PROXY protocol v1/v2 parser and reader: a header, None or
